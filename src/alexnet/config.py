@@ -1,0 +1,199 @@
+"""Typed schemas for the config groups, and the check that runs before any data is read or model built.
+
+The YAML files under ``conf/`` stay plain; ``check_config`` merges each section into its dataclass, so a wrong
+type, an unknown key or a value outside its enum fails with the section's full key, and each dataclass's
+``__post_init__`` adds the range and combination checks that types alone cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the key, the value and what is allowed."""
+
+
+class Activation(str, Enum):
+    relu = "relu"
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+
+
+class Pool(str, Enum):
+    overlapping = "overlapping"
+    non_overlapping = "non_overlapping"
+
+
+class PoolType(str, Enum):
+    max = "max"
+    avg = "avg"
+
+
+class Init(str, Enum):
+    paper = "paper"
+    kaiming = "kaiming"
+
+
+class Dataset(str, Enum):
+    cifar10 = "cifar10"
+    imagefolder = "imagefolder"
+    synthetic = "synthetic"
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 1000
+    input_size: int = 227
+    activation: Activation = Activation.relu
+    pool: Pool = Pool.overlapping
+    pool_type: PoolType = PoolType.max
+    lrn: bool = True
+    dropout: float = 0.5
+    columns: int = 2
+    init: Init = Init.kaiming
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_classes >= 2, "model.num_classes", self.num_classes, "need at least 2 classes")
+        _require(self.input_size in (32, 227), "model.input_size", self.input_size, "use 227 or 32")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
+        _require(
+            self.columns in (1, 2), "model.columns", self.columns, "1 (one-GPU net) or 2 (two-column net)"
+        )
+        _require(0.0 < self.width <= 4.0, "model.width", self.width, "a multiplier in (0, 4]")
+
+
+@dataclass
+class DataConfig:
+    dataset: Dataset = Dataset.cifar10
+    root: str | None = None
+    download: bool = False
+    image_size: int = 32
+    resize_size: int = 32
+    num_classes: int = 10
+    test_split: str = "test"
+    val_size: int = 5000
+    train_size: int | None = None
+    test_size: int | None = None
+    synthetic_size: int = 512
+    split_seed: int = 0
+    batch_size: int = 128
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.image_size in (32, 227), "data.image_size", self.image_size, "use 227 or 32")
+        _require(
+            self.dataset is not Dataset.cifar10 or self.image_size == 32,
+            "data.image_size",
+            self.image_size,
+            "CIFAR-10 images are 32x32; use data=cifar10 with the 32 network or data=imagefolder for 227",
+        )
+        _require(
+            self.resize_size >= self.image_size,
+            "data.resize_size",
+            self.resize_size,
+            f"must be at least the crop size data.image_size={self.image_size}",
+        )
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "a positive integer")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        _require(self.val_size >= 1, "data.val_size", self.val_size, "the LR schedule needs a validation split")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"data.{key}", value, "null (all) or a positive count")
+        _require(self.synthetic_size >= 1, "data.synthetic_size", self.synthetic_size, "a positive count")
+        _require(
+            self.dataset is Dataset.synthetic or bool(self.root),
+            "data.root",
+            self.root,
+            "set the data set's folder (or the ALEXNET_DATA_DIR environment variable)",
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    min_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", self.lr, "a positive learning rate")
+        _require(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "a value in [0, 1)")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "0 or more")
+        _require(0.0 < self.plateau_factor < 1.0, "optimizer.plateau_factor", self.plateau_factor, "in (0, 1)")
+        _require(self.plateau_patience >= 0, "optimizer.plateau_patience", self.plateau_patience, "0 or more")
+        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "in [0, optimizer.lr]")
+
+
+@dataclass
+class CheckedConfig:
+    """The typed sections of a composed config, after ``check_config``."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig}
+
+
+def _typed(section: str, schema: type, values: Any) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)  # runs __post_init__
+    except OmegaConfBaseException as err:
+        key = f"{section}.{err.key}" if getattr(err, "key", None) else section
+        allowed = ", ".join(f.name for f in fields(schema))
+        reason = str(err).split("\n")[0]
+        raise ConfigError(f"{key}: {reason}. The keys of '{section}' are: {allowed}.") from None
+
+
+def check_config(cfg: DictConfig) -> CheckedConfig:
+    """Validate every switch of a composed config; raise ``ConfigError`` naming the first bad key."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err.full_key or 'config'}: {str(err).splitlines()[0]}") from None
+    for section in SECTIONS:
+        if section not in resolved:
+            raise ConfigError(f"'{section}' is missing from the config; pick one with {section}=<name>.")
+    checked = CheckedConfig(**{name: _typed(name, schema, resolved[name]) for name, schema in SECTIONS.items()})
+    _require(
+        checked.model.input_size == checked.data.image_size,
+        "model.input_size",
+        checked.model.input_size,
+        f"the data set gives {checked.data.image_size}x{checked.data.image_size} images (data.image_size)",
+    )
+    _require(
+        checked.model.num_classes == checked.data.num_classes,
+        "model.num_classes",
+        checked.model.num_classes,
+        f"the data set has {checked.data.num_classes} classes (data.num_classes)",
+    )
+    target = cfg.get("target_train_error")
+    _require(
+        isinstance(target, float) and 0.0 < target < 1.0,
+        "target_train_error",
+        target,
+        "a training top-1 error in (0, 1), e.g. 0.25 (Figure 1)",
+    )
+    _require(isinstance(cfg.get("seed"), int), "seed", cfg.get("seed"), "an integer")
+    return checked
+
+
+def plain(section: Any) -> dict[str, Any]:
+    """A checked dataclass as keyword arguments, enums as their string values."""
+    return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)

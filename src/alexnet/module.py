@@ -1,0 +1,163 @@
+"""The training recipe of section 5 as a LightningModule, and the measurements the ablations compare.
+
+Logged every epoch: ``train/loss``, ``train/top1_err``, ``train/top5_err`` (over the epoch's batches, with
+dropout on, as the paper's Figure 1 plots them), the same for ``val/``, ``val/top1_err_best``,
+``train/images_per_sec`` and, once the target is reached, ``train/epochs_to_target``.
+After fit ``summary()`` holds the per-run numbers (best validation errors, final training error and the time to
+the target training error, or None for "never").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection, MinMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def _error_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "top1_acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5_acc": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        }
+    )
+
+
+class AlexNetModule(L.LightningModule):
+    """Args:
+    net: the network.
+    lr, momentum, weight_decay: SGD as in section 5 (0.01, 0.9, 5e-4).
+    plateau_factor, plateau_patience, min_lr: "divide the learning rate by 10 when the validation error
+        rate stopped improving"; the paper did so three times, so min_lr defaults to lr / 1000.
+    target_train_error: the training top-1 error whose first crossing is timed (Figure 1: 25%).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        plateau_factor: float = 0.1,
+        plateau_patience: int = 2,
+        min_lr: float = 1e-5,
+        target_train_error: float = 0.25,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.criterion = nn.CrossEntropyLoss()
+        self.train_metrics = _error_metrics(num_classes)
+        self.val_metrics = _error_metrics(num_classes)
+        self.test_metrics = _error_metrics(num_classes)
+        self.best_val_top1 = MinMetric()
+        self.best_val_top5 = MinMetric()
+        # Time-to-target bookkeeping: the training error curve so far and the training seconds behind it.
+        self.train_curve: list[tuple[float, float, float]] = [(0.0, 1.0 - 1.0 / num_classes, 0.0)]
+        self.epochs_to_target: float | None = None
+        self.seconds_to_target: float | None = None
+        self._train_seconds = 0.0
+        self._epoch_start = 0.0
+        self._last_batch_end = 0.0
+        self._epoch_images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics.update(logits.detach(), labels)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+        self._epoch_images = 0
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self.train_metrics, "train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._last_batch_end = time.perf_counter()
+        self._epoch_images += len(batch[1])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.test_metrics, "test")
+
+    def _log_errors(self, metrics: MetricCollection, stage: str) -> dict[str, float]:
+        accuracy = metrics.compute()
+        metrics.reset()
+        errors = {f"{stage}/top1_err": 1.0 - accuracy["top1_acc"], f"{stage}/top5_err": 1.0 - accuracy["top5_acc"]}
+        self.log_dict(errors)
+        return {k: float(v) for k, v in errors.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.val_metrics.reset()
+            return
+        errors = self._log_errors(self.val_metrics, "val")
+        self.best_val_top1.update(errors["val/top1_err"])
+        self.best_val_top5.update(errors["val/top5_err"])
+        self.log("val/top1_err_best", self.best_val_top1.compute())
+        self.log("val/top5_err_best", self.best_val_top5.compute())
+
+    def on_train_epoch_end(self) -> None:
+        seconds = self._last_batch_end - self._epoch_start  # the training batches, not validation
+        self._train_seconds += seconds
+        self.log("train/images_per_sec", self._epoch_images / max(seconds, 1e-9))
+        error = self._log_errors(self.train_metrics, "train")["train/top1_err"]
+        self.train_curve.append((float(self.current_epoch + 1), error, self._train_seconds))
+        if self.epochs_to_target is None:
+            self._check_target()
+
+    def _check_target(self) -> None:
+        """Linear interpolation between the last two points of the (epoch, training error) curve; the curve
+        starts at chance error at epoch 0. Fractional epochs, as Figure 1's x axis."""
+        target = self.hparams.target_train_error
+        (e0, err0, s0), (e1, err1, s1) = self.train_curve[-2:]
+        if err1 > target:
+            return
+        frac = 1.0 if err0 <= err1 else (err0 - target) / (err0 - err1)
+        self.epochs_to_target = e0 + frac * (e1 - e0)
+        self.seconds_to_target = s0 + frac * (s1 - s0)
+        self.log("train/epochs_to_target", self.epochs_to_target)
+        self.log("train/seconds_to_target", self.seconds_to_target)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_errors(self.test_metrics, "test")
+
+    def summary(self) -> dict[str, float | None]:
+        """Per-run numbers after fit: the ones an ablation report compares."""
+        best1 = self.best_val_top1.compute().item() if self.best_val_top1.update_called else math.nan
+        best5 = self.best_val_top5.compute().item() if self.best_val_top5.update_called else math.nan
+        final = self.train_curve[-1][1] if len(self.train_curve) > 1 else math.nan
+        return {
+            "best/val_top1_err": best1,
+            "best/val_top5_err": best5,
+            "final/train_top1_err": final,
+            "final/epochs_to_target": self.epochs_to_target,
+            "final/seconds_to_target": self.seconds_to_target,
+        }
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/top1_err", "interval": "epoch"},
+        }

@@ -1,0 +1,99 @@
+"""Train one AlexNet configuration, tracked in MLflow.
+
+    python src/train.py                                        # the default run (conf/train.yaml)
+    python src/train.py model.activation=tanh model.lrn=false  # flip switches
+    python src/train.py -m model.activation=relu,tanh seed=1,2 # a sweep: one MLflow run per job
+
+Everything is built from the composed config: data, network, LightningModule, trainer, MLflow logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+# Before the imports that read it: the config's paths.root_dir is the checkout this file lives in.
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from alexnet import tracking  # noqa: E402
+from alexnet.config import ConfigError, check_config, plain  # noqa: E402
+from alexnet.data import AlexNetDataModule  # noqa: E402
+from alexnet.model import AlexNet  # noqa: E402
+from alexnet.module import AlexNetModule  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def job_info() -> dict[str, Any]:
+    """What Hydra knows about this job: its number in a sweep, its overrides and its folders."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {
+        "num": hc.job.num if multirun else 0,
+        "overrides": list(hc.overrides.task),
+        "output_dir": hc.runtime.output_dir,
+        "sweep_dir": hc.sweep.dir if multirun else None,
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, float | None]:
+    checked = check_config(cfg)  # every switch, before any data is read or weight allocated
+    job = job_info()
+    output_dir = Path(job["output_dir"])
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = AlexNetDataModule(checked.data)
+    net = AlexNet(**plain(checked.model))
+    module = AlexNetModule(
+        net,
+        num_classes=checked.model.num_classes,
+        target_train_error=cfg.target_train_error,
+        **plain(checked.optimizer),
+    )
+    logger = tracking.make_logger(cfg, job)
+    log.info("MLflow run %s (%s) in experiment %s", logger.run_id, logger._run_name, cfg.logger.experiment_name)
+    try:
+        checkpoints = ModelCheckpoint(
+            dirpath=output_dir / "checkpoints", monitor="val/top1_err", mode="min", save_last=True
+        )
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer,
+            logger=logger,
+            callbacks=[checkpoints, LearningRateMonitor(logging_interval="epoch")],
+            default_root_dir=str(output_dir),
+        )
+        trainer.fit(module, datamodule=datamodule)
+        summary = module.summary()
+        if cfg.test_after_fit:
+            best = checkpoints.best_model_path or None
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        tracking.log_summary(logger, summary, step=trainer.global_step)
+    except BaseException as err:
+        tracking.mark_failed(logger, err)
+        raise
+    log.info("summary: %s", summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> dict[str, float | None]:
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        # A wrong switch is the user's to fix, not a crash: one line, no traceback, and the sweep stops here.
+        log.error("Config error: %s", err)
+        raise SystemExit(f"Config error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
