@@ -91,7 +91,6 @@ def main(cfg: DictConfig) -> dict[str, float | None]:
         return train(cfg)
     except ConfigError as err:
         # A wrong switch is the user's to fix, not a crash: one line, no traceback, and the sweep stops here.
-        log.error("Config error: %s", err)
         raise SystemExit(f"Config error: {err}") from None
 
 

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -156,9 +156,10 @@ def _typed(section: str, schema: type, values: Any) -> Any:
         return OmegaConf.to_object(merged)  # runs __post_init__
     except OmegaConfBaseException as err:
         key = f"{section}.{err.key}" if getattr(err, "key", None) else section
-        allowed = ", ".join(f.name for f in fields(schema))
         reason = str(err).split("\n")[0]
-        raise ConfigError(f"{key}: {reason}. The keys of '{section}' are: {allowed}.") from None
+        if isinstance(err, ConfigKeyError):  # most likely a typo: list what exists
+            reason += f". The keys of '{section}' are: {', '.join(f.name for f in fields(schema))}"
+        raise ConfigError(f"{key}: {reason}.") from None
 
 
 def check_config(cfg: DictConfig) -> CheckedConfig:

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 # Overrides that say where things go, not what was trained: left out of run names.
-_NOT_IN_RUN_NAME = ("paths.", "logger.", "hydra.", "data.root", "data.num_workers", "trainer.enable_progress_bar")
+_NOT_IN_RUN_NAME = ("paths.", "logger.", "hydra.", "data.root", "data.num_workers", "trainer.enable_", "trainer.log_every")
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit for a param value
 
 

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real config composed with Hydra's compose API, the real CIFAR-10 beside the project,
+and `python src/train.py` run as a user runs it, against a temporary MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "src" / "train.py"
+# The real data set every developer and CI has beside the checkout (ImageFolder layout, JPEG files).
+SHARED_DATA = Path(os.environ.get("ALEXNET_TEST_DATA_DIR", ROOT.parent / "shared" / "data"))
+CIFAR10 = SHARED_DATA / "cifar10"
+
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+
+@pytest.fixture
+def cifar10_root() -> Path:
+    if not (CIFAR10 / "train").is_dir():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR10} (set ALEXNET_TEST_DATA_DIR to the folder holding cifar10/)")
+    return CIFAR10
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides) -> the composed `train` config, as `python src/train.py overrides` would see it."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    return _compose
+
+
+class TrainRun:
+    """`python src/train.py ...` in a subprocess, with its MLflow store and outputs inside tmp_path."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        self.client = MlflowClient(self.tracking_uri)
+
+    def __call__(self, *overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
+        args = [sys.executable, str(TRAIN)] + (["-m"] if multirun else [])
+        args += [
+            f"logger.tracking_uri={self.tracking_uri}",
+            f"logger.artifact_location={self.tmp / 'mlartifacts'}",
+            f"hydra.run.dir={self.tmp / 'run'}",
+            f"hydra.sweep.dir={self.tmp / 'multirun'}",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            *overrides,
+        ]
+        env = {**os.environ, "ALEXNET_DATA_DIR": str(SHARED_DATA), "PYTHONWARNINGS": "ignore"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        proc = subprocess.run(args, cwd=self.tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+    def runs(self, experiment: str = "alexnet"):
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        return self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture
+def train_run(tmp_path: Path) -> TrainRun:
+    return TrainRun(tmp_path)

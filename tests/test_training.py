@@ -1,0 +1,112 @@
+"""Training end to end, as a user runs it, with every run read back from MLflow with its client."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.model import AlexNet
+from alexnet.module import AlexNetModule
+
+# A few hundred real CIFAR-10 images through a narrow net: seconds, not minutes.
+SMALL_CIFAR = [
+    "data.train_size=384",
+    "data.val_size=128",
+    "data.test_size=128",
+    "data.batch_size=64",
+    "model.width=0.25",
+    "trainer.max_epochs=2",
+]
+
+
+def test_training_run_is_tracked_in_mlflow(train_run, cifar10_root: Path):
+    train_run(*SMALL_CIFAR, "model.activation=tanh", "model.lrn=false", "seed=3")
+    (run,) = train_run.runs()
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "train_size=384 val_size=128 test_size=128 batch_size=64 width=0.25 max_epochs=2 activation=tanh lrn=false seed=3"
+    params = run.data.params
+    # Every resolved config value, under its dotted key.
+    assert params["model.activation"] == "tanh" and params["model.lrn"] == "False"
+    assert params["model.pool"] == "overlapping" and params["model.columns"] == "2"
+    assert params["optimizer.lr"] == "0.01" and params["optimizer.momentum"] == "0.9"
+    assert params["data.root"] == str(cifar10_root) and params["seed"] == "3"
+    assert params["trainer.max_epochs"] == "2"
+    tags = run.data.tags
+    assert tags["seed"] == "3" and tags["hydra_job_num"] == "0"
+    assert len(tags["git_commit"]) >= 7
+    metrics = run.data.metrics
+    for key in ("train/loss", "train/top1_err", "train/top5_err", "val/loss", "val/top1_err", "val/top5_err",
+                "val/top1_err_best", "train/images_per_sec", "lr-SGD", "best/val_top1_err",
+                "final/train_top1_err", "test/top1_err", "test/top5_err"):
+        assert key in metrics, key
+    for key in ("train/top1_err", "val/top1_err", "test/top1_err"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["val/top5_err"] <= metrics["val/top1_err"]
+    assert metrics["train/images_per_sec"] > 0
+    history = train_run.client.get_metric_history(run.info.run_id, "val/top1_err")
+    assert len(history) == 2  # one point per epoch
+    assert metrics["best/val_top1_err"] == pytest.approx(min(m.value for m in history))
+    # Never reached 25% training error in two epochs: said so, not left blank.
+    assert tags["epochs_to_target"] == "never"
+    artifacts = {a.path for a in train_run.client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.yaml"} <= artifacts
+    config = Path(train_run.client.download_artifacts(run.info.run_id, "config.yaml")).read_text()
+    assert "activation: tanh" in config
+
+
+def test_multirun_lands_in_one_experiment(train_run, cifar10_root: Path):
+    train_run(*SMALL_CIFAR, "trainer.max_epochs=1", "model.activation=relu,sigmoid", multirun=True)
+    runs = train_run.runs()
+    assert len(runs) == 2
+    assert {r.info.experiment_id for r in runs} == {runs[0].info.experiment_id}
+    assert sorted(r.data.params["model.activation"] for r in runs) == ["relu", "sigmoid"]
+    assert sorted(r.data.tags["hydra_job_num"] for r in runs) == ["0", "1"]
+    assert all(r.data.tags["sweep_dir"] == str(train_run.tmp / "multirun") for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert any("activation=sigmoid" in r.info.run_name for r in runs)
+
+
+def test_time_to_target_on_learnable_data(train_run):
+    """Synthetic data the net learns in a few epochs: the target crossing is found and logged."""
+    train_run("experiment=smoke", "trainer.max_epochs=4", "target_train_error=0.5", "model.width=0.25")
+    (run,) = train_run.runs()
+    metrics = run.data.metrics
+    assert "final/epochs_to_target" in metrics and 0 < metrics["final/epochs_to_target"] <= 4
+    assert metrics["final/seconds_to_target"] > 0
+    assert "epochs_to_target" not in run.data.tags
+
+
+def test_failed_job_is_recorded_as_failed(train_run, tmp_path: Path):
+    missing = tmp_path / "no-such-data"
+    proc = train_run("data.train_size=64", f"data.root={missing}", "trainer.max_epochs=1", check=False)
+    assert proc.returncode != 0
+    (run,) = train_run.runs()
+    assert run.info.status == "FAILED"
+    assert str(missing) in run.data.tags["error"]
+    assert "error.txt" in {a.path for a in train_run.client.list_artifacts(run.info.run_id)}
+
+
+def test_time_to_target_interpolates_between_epochs():
+    module = AlexNetModule(AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10, target_train_error=0.25)
+    module.train_curve += [(1.0, 0.5, 10.0), (2.0, 0.2, 20.0)]
+    module._check_target = AlexNetModule._check_target.__get__(module)  # no trainer: skip logging
+    module.log = lambda *args, **kwargs: None
+    module._check_target()
+    assert module.epochs_to_target == pytest.approx(1 + (0.5 - 0.25) / (0.5 - 0.2))
+    assert module.seconds_to_target == pytest.approx(10 + 10 * (0.25 / 0.3))
+
+
+def test_paper_recipe_optimizer():
+    module = AlexNetModule(AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10)
+    config = module.configure_optimizers()
+    sgd = config["optimizer"]
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 5e-4)
+    plateau = config["lr_scheduler"]["scheduler"]
+    assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert plateau.factor == 0.1 and config["lr_scheduler"]["monitor"] == "val/top1_err"
+    assert math.isclose(plateau.min_lrs[0], 1e-5)
