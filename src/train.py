@@ -60,7 +60,9 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
         **plain(checked.optimizer),
     )
     logger = tracking.make_logger(cfg, job)
-    log.info("MLflow run %s (%s) in experiment %s", logger.run_id, logger._run_name, cfg.logger.experiment_name)
+    log.info(
+        "MLflow run %s (%s) in experiment %s", logger.run_id, logger._run_name, cfg.logger.experiment_name
+    )
     try:
         checkpoints = ModelCheckpoint(
             dirpath=output_dir / "checkpoints", monitor="val/top1_err", mode="min", save_last=True
@@ -76,7 +78,9 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
         if cfg.test_after_fit:
             best = checkpoints.best_model_path or None
             trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-            summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+            summary.update(
+                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            )
         tracking.log_summary(logger, summary, step=trainer.global_step)
     except BaseException as err:
         tracking.mark_failed(logger, err)

@@ -24,13 +24,15 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 @pytest.fixture
 def cifar10_root() -> Path:
     if not (CIFAR10 / "train").is_dir():
-        pytest.skip(f"real CIFAR-10 not found at {CIFAR10} (set ALEXNET_TEST_DATA_DIR to the folder holding cifar10/)")
+        pytest.skip(
+            f"real CIFAR-10 not found at {CIFAR10} (set ALEXNET_TEST_DATA_DIR to the folder holding cifar10/)"
+        )
     return CIFAR10
 
 
 @pytest.fixture
 def compose_cfg():
-    """compose_cfg(*overrides) -> the composed `train` config, as `python src/train.py overrides` would see it."""
+    """compose_cfg(*overrides) -> the `train` config as `python src/train.py overrides` composes it."""
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -62,7 +64,9 @@ class TrainRun:
         env.pop("MLFLOW_TRACKING_URI", None)
         proc = subprocess.run(args, cwd=self.tmp, env=env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            raise AssertionError(
+                f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+            )
         return proc
 
     def runs(self, experiment: str = "alexnet"):

@@ -16,7 +16,13 @@ from alexnet.data import CIFAR10_CLASSES, AlexNetDataModule, DataNotFoundError, 
 
 
 def cifar_module(root: Path, **overrides) -> AlexNetDataModule:
-    values = {"root": str(root), "train_size": 300, "val_size": 100, "test_size": 200, "batch_size": 50} | overrides
+    values = {
+        "root": str(root),
+        "train_size": 300,
+        "val_size": 100,
+        "test_size": 200,
+        "batch_size": 50,
+    } | overrides
     dm = AlexNetDataModule(DataConfig(dataset=Dataset.cifar10, **values))
     dm.setup("fit")
     return dm
@@ -28,7 +34,7 @@ def test_cifar10_image_folder_splits(cifar10_root: Path):
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (300, 100, 200)
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
-    assert 0 <= labels.min() and labels.max() < 10
+    assert labels.min() >= 0 and labels.max() < 10
     # The validation images are training images the model never trains on, and never test images.
     train = {bytes(x.numpy()) for x in dm.train_set.images}
     val = {bytes(x.numpy()) for x in dm.val_set.images}
@@ -43,7 +49,7 @@ def test_cifar10_image_folder_splits(cifar10_root: Path):
 def test_decoded_pixels_equal_pil(cifar10_root: Path):
     files = sorted((cifar10_root / "test" / "cat").iterdir())[:5]
     ours = decode_files(files)
-    for img, f in zip(ours, files):
+    for img, f in zip(ours, files, strict=False):
         pil = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
         assert (img.int() - pil.int()).abs().max() <= 2  # libjpeg builds may round IDCT differently
 
@@ -73,7 +79,9 @@ def test_torchvision_format(cifar10_root: Path, tmp_path: Path, monkeypatch):
 
     train = batch("train", 30)
     for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(train if i == 1 else {"data": train["data"][:0], "labels": []}))
+        (folder / f"data_batch_{i}").write_bytes(
+            pickle.dumps(train if i == 1 else {"data": train["data"][:0], "labels": []})
+        )
     (folder / "test_batch").write_bytes(pickle.dumps(batch("test", 5)))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CIFAR10_CLASSES)}))
     # The files are ours, not the official archive, so their checksums differ by construction.
@@ -111,8 +119,15 @@ def test_imagenet_style_folder_with_workers(tmp_path: Path):
                     tmp_path / split / cls / f"{i}.JPEG"
                 )
     cfg = DataConfig(
-        dataset=Dataset.imagefolder, root=str(tmp_path), image_size=227, resize_size=256, num_classes=2,
-        test_split="val", val_size=4, batch_size=4, num_workers=2,
+        dataset=Dataset.imagefolder,
+        root=str(tmp_path),
+        image_size=227,
+        resize_size=256,
+        num_classes=2,
+        test_split="val",
+        val_size=4,
+        batch_size=4,
+        num_workers=2,
     )
     dm = AlexNetDataModule(cfg)
     dm.setup("fit")

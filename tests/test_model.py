@@ -27,7 +27,9 @@ def map_sides(net: AlexNet, x: torch.Tensor) -> list[int]:
 
 
 SWITCHES = list(
-    itertools.product(["relu", "tanh", "sigmoid"], ["overlapping", "non_overlapping"], ["max", "avg"], [True, False], [1, 2])
+    itertools.product(
+        ["relu", "tanh", "sigmoid"], ["overlapping", "non_overlapping"], ["max", "avg"], [True, False], [1, 2]
+    )
 )
 
 
@@ -169,7 +171,9 @@ def test_kaiming_init_uses_the_activation_gain(activation: str, gain: float):
 
 
 def test_switches_build_the_named_layers():
-    net = AlexNet(input_size=32, activation="tanh", pool="non_overlapping", pool_type="avg", lrn=False, dropout=0.0)
+    net = AlexNet(
+        input_size=32, activation="tanh", pool="non_overlapping", pool_type="avg", lrn=False, dropout=0.0
+    )
     f, c = net.features, net.classifier
     assert isinstance(f.act1, nn.Tanh) and isinstance(c.act6, nn.Tanh)
     assert isinstance(f.pool1, nn.AvgPool2d) and f.pool1.kernel_size == 2 and f.pool1.stride == 2

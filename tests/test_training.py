@@ -26,7 +26,11 @@ def test_training_run_is_tracked_in_mlflow(train_run, cifar10_root: Path):
     train_run(*SMALL_CIFAR, "model.activation=tanh", "model.lrn=false", "seed=3")
     (run,) = train_run.runs()
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "train_size=384 val_size=128 test_size=128 batch_size=64 width=0.25 max_epochs=2 activation=tanh lrn=false seed=3"
+    assert (
+        run.info.run_name
+        == "train_size=384 val_size=128 test_size=128 batch_size=64 width=0.25 max_epochs=2 "
+        "activation=tanh lrn=false seed=3"
+    )
     params = run.data.params
     # Every resolved config value, under its dotted key.
     assert params["model.activation"] == "tanh" and params["model.lrn"] == "False"
@@ -38,9 +42,21 @@ def test_training_run_is_tracked_in_mlflow(train_run, cifar10_root: Path):
     assert tags["seed"] == "3" and tags["hydra_job_num"] == "0"
     assert len(tags["git_commit"]) >= 7
     metrics = run.data.metrics
-    for key in ("train/loss", "train/top1_err", "train/top5_err", "val/loss", "val/top1_err", "val/top5_err",
-                "val/top1_err_best", "train/images_per_sec", "lr-SGD", "best/val_top1_err",
-                "final/train_top1_err", "test/top1_err", "test/top5_err"):
+    for key in (
+        "train/loss",
+        "train/top1_err",
+        "train/top5_err",
+        "val/loss",
+        "val/top1_err",
+        "val/top5_err",
+        "val/top1_err_best",
+        "train/images_per_sec",
+        "lr-SGD",
+        "best/val_top1_err",
+        "final/train_top1_err",
+        "test/top1_err",
+        "test/top5_err",
+    ):
         assert key in metrics, key
     for key in ("train/top1_err", "val/top1_err", "test/top1_err"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -90,7 +106,9 @@ def test_failed_job_is_recorded_as_failed(train_run, tmp_path: Path):
 
 
 def test_time_to_target_interpolates_between_epochs():
-    module = AlexNetModule(AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10, target_train_error=0.25)
+    module = AlexNetModule(
+        AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10, target_train_error=0.25
+    )
     module.train_curve += [(1.0, 0.5, 10.0), (2.0, 0.2, 20.0)]
     module._check_target = AlexNetModule._check_target.__get__(module)  # no trainer: skip logging
     module.log = lambda *args, **kwargs: None

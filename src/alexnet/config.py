@@ -107,7 +107,9 @@ class DataConfig:
         )
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "a positive integer")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
-        _require(self.val_size >= 1, "data.val_size", self.val_size, "the LR schedule needs a validation split")
+        _require(
+            self.val_size >= 1, "data.val_size", self.val_size, "the LR schedule needs a validation split"
+        )
         for key in ("train_size", "test_size"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key}", value, "null (all) or a positive count")
@@ -133,7 +135,9 @@ class OptimizerConfig:
         _require(self.lr > 0, "optimizer.lr", self.lr, "a positive learning rate")
         _require(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "a value in [0, 1)")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "0 or more")
-        _require(0.0 < self.plateau_factor < 1.0, "optimizer.plateau_factor", self.plateau_factor, "in (0, 1)")
+        _require(
+            0.0 < self.plateau_factor < 1.0, "optimizer.plateau_factor", self.plateau_factor, "in (0, 1)"
+        )
         _require(self.plateau_patience >= 0, "optimizer.plateau_patience", self.plateau_patience, "0 or more")
         _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "in [0, optimizer.lr]")
 
@@ -171,7 +175,9 @@ def check_config(cfg: DictConfig) -> CheckedConfig:
     for section in SECTIONS:
         if section not in resolved:
             raise ConfigError(f"'{section}' is missing from the config; pick one with {section}=<name>.")
-    checked = CheckedConfig(**{name: _typed(name, schema, resolved[name]) for name, schema in SECTIONS.items()})
+    checked = CheckedConfig(
+        **{name: _typed(name, schema, resolved[name]) for name, schema in SECTIONS.items()}
+    )
     _require(
         checked.model.input_size == checked.data.image_size,
         "model.input_size",

@@ -45,8 +45,9 @@ class DataNotFoundError(FileNotFoundError):
 def _how_to_get(dataset: DatasetName) -> str:
     if dataset is DatasetName.cifar10:
         return (
-            "Point data.root (or the ALEXNET_DATA_DIR environment variable, which holds cifar10/) at a folder "
-            "with either train/<class>/*.jpg and test/<class>/*.jpg or torchvision's cifar-10-batches-py/, "
+            "Point data.root (or the ALEXNET_DATA_DIR environment variable, which holds cifar10/) "
+            "at a folder with either train/<class>/*.jpg and test/<class>/*.jpg or torchvision's "
+            "cifar-10-batches-py/, "
             "or add data.download=true to let torchvision download it (needs internet)."
         )
     return (
@@ -80,7 +81,9 @@ def list_image_folder(split_dir: Path, dataset: DatasetName) -> tuple[list[Path]
         files += found
         labels += [label] * len(found)
     if not files:
-        raise DataNotFoundError(f"No images in {split_dir} (expected {split_dir}/<class>/*.jpg). {_how_to_get(dataset)}")
+        raise DataNotFoundError(
+            f"No images in {split_dir} (expected {split_dir}/<class>/*.jpg). {_how_to_get(dataset)}"
+        )
     return files, labels, classes
 
 
@@ -95,7 +98,7 @@ def decode_files(files: list[Path]) -> torch.Tensor:
         decoded = decode_jpeg(raw, mode=ImageReadMode.RGB)
     except RuntimeError:
         decoded = []
-        for f, data in zip(files, raw):
+        for f, data in zip(files, raw, strict=False):
             try:
                 decoded.append(decode_image(data, mode=ImageReadMode.RGB))
             except RuntimeError as err:
@@ -120,7 +123,9 @@ def _subset(n: int, size: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
-def load_cifar10_split(cfg: DataConfig, train: bool) -> tuple[list[Path] | None, torch.Tensor, tuple[str, ...], object]:
+def load_cifar10_split(
+    cfg: DataConfig, train: bool
+) -> tuple[list[Path] | None, torch.Tensor, tuple[str, ...], object]:
     """Find CIFAR-10 under ``cfg.root``: ImageFolder files, or torchvision's arrays. Returns
     (files or None, labels, classes, arrays or None)."""
     root = Path(cfg.root).expanduser()
@@ -152,7 +157,11 @@ def imagefolder_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     # Section 4.1: images rescaled so the short side is 256, then 224 (here 227) patches; random patches
     # and their mirrors for training, the centre patch for evaluation.
     steps: list[v2.Transform] = [v2.Resize(cfg.resize_size, antialias=True)]
-    steps += [v2.RandomCrop(cfg.image_size), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(cfg.image_size)]
+    steps += (
+        [v2.RandomCrop(cfg.image_size), v2.RandomHorizontalFlip()]
+        if train
+        else [v2.CenterCrop(cfg.image_size)]
+    )
     return v2.Compose(steps)
 
 
@@ -216,10 +225,16 @@ class AlexNetDataModule(L.LightningDataModule):
         images = arrays[idx] if files is None else decode_files([files[i] for i in idx.tolist()])
         self.test_set = InMemoryImages(images, labels[idx], classes)
         if self.test_set.classes != self.classes:
-            raise ValueError(f"Train and test classes differ under {cfg.root}: {self.classes} vs {self.test_set.classes}")
+            raise ValueError(
+                f"Train and test classes differ under {cfg.root}: {self.classes} vs {self.test_set.classes}"
+            )
 
     def _in_memory(
-        self, full: InMemoryImages, val_idx: torch.Tensor, train_idx: torch.Tensor, test: InMemoryImages | None
+        self,
+        full: InMemoryImages,
+        val_idx: torch.Tensor,
+        train_idx: torch.Tensor,
+        test: InMemoryImages | None,
     ) -> None:
         self.classes = full.classes
         self.train_set = InMemoryImages(full.images[train_idx], full.labels[train_idx], full.classes)
@@ -232,9 +247,15 @@ class AlexNetDataModule(L.LightningDataModule):
         root = Path(cfg.root).expanduser()
         list_image_folder(root / "train", cfg.dataset)  # a clear error before torchvision's
         list_image_folder(root / cfg.test_split, cfg.dataset)
-        train_aug = datasets.ImageFolder(str(root / "train"), imagefolder_transforms(cfg, True), loader=read_rgb)
-        train_eval = datasets.ImageFolder(str(root / "train"), imagefolder_transforms(cfg, False), loader=read_rgb)
-        test = datasets.ImageFolder(str(root / cfg.test_split), imagefolder_transforms(cfg, False), loader=read_rgb)
+        train_aug = datasets.ImageFolder(
+            str(root / "train"), imagefolder_transforms(cfg, True), loader=read_rgb
+        )
+        train_eval = datasets.ImageFolder(
+            str(root / "train"), imagefolder_transforms(cfg, False), loader=read_rgb
+        )
+        test = datasets.ImageFolder(
+            str(root / cfg.test_split), imagefolder_transforms(cfg, False), loader=read_rgb
+        )
         val_idx, train_idx = _split_indices(len(train_aug), cfg.val_size, cfg.train_size, cfg.split_seed)
         self.classes = tuple(train_aug.classes)
         self.train_set = Subset(train_aug, train_idx.tolist())

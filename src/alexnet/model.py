@@ -220,7 +220,9 @@ class AlexNet(nn.Module):
                 # Section 5: "zero-mean Gaussian distribution with standard deviation 0.01", neuron biases
                 # of conv2, conv4, conv5 and the hidden FC layers set to 1 "to accelerate the early stages".
                 nn.init.normal_(layer.weight, 0.0, 0.01)
-                nn.init.constant_(layer.bias, 1.0 if short in {"conv2", "conv4", "conv5", "fc6", "fc7"} else 0.0)
+                nn.init.constant_(
+                    layer.bias, 1.0 if short in {"conv2", "conv4", "conv5", "fc6", "fc7"} else 0.0
+                )
             else:
                 nonlinearity = "linear" if short == "fc8" else self.activation
                 nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)

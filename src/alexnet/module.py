@@ -3,8 +3,8 @@
 Logged every epoch: ``train/loss``, ``train/top1_err``, ``train/top5_err`` (over the epoch's batches, with
 dropout on, as the paper's Figure 1 plots them), the same for ``val/``, ``val/top1_err_best``,
 ``train/images_per_sec`` and, once the target is reached, ``train/epochs_to_target``.
-After fit ``summary()`` holds the per-run numbers (best validation errors, final training error and the time to
-the target training error, or None for "never").
+After fit ``summary()`` holds the per-run numbers (best validation errors, final training error and the
+time to the target training error, or None for "never").
 """
 
 from __future__ import annotations
@@ -99,7 +99,10 @@ class AlexNetModule(L.LightningModule):
     def _log_errors(self, metrics: MetricCollection, stage: str) -> dict[str, float]:
         accuracy = metrics.compute()
         metrics.reset()
-        errors = {f"{stage}/top1_err": 1.0 - accuracy["top1_acc"], f"{stage}/top5_err": 1.0 - accuracy["top5_acc"]}
+        errors = {
+            f"{stage}/top1_err": 1.0 - accuracy["top1_acc"],
+            f"{stage}/top5_err": 1.0 - accuracy["top5_acc"],
+        }
         self.log_dict(errors)
         return {k: float(v) for k, v in errors.items()}
 
@@ -153,7 +156,9 @@ class AlexNetModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr
         )

@@ -25,7 +25,15 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 # Overrides that say where things go, not what was trained: left out of run names.
-_NOT_IN_RUN_NAME = ("paths.", "logger.", "hydra.", "data.root", "data.num_workers", "trainer.enable_", "trainer.log_every")
+_NOT_IN_RUN_NAME = (
+    "paths.",
+    "logger.",
+    "hydra.",
+    "data.root",
+    "data.num_workers",
+    "trainer.enable_",
+    "trainer.log_every",
+)
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit for a param value
 
 
@@ -59,13 +67,17 @@ def run_name(overrides: list[str]) -> str:
 
 
 def git_commit(root: Path) -> str:
-    """HEAD of the checkout at ``root``, with ``-dirty`` when tracked files have changed; ``unknown`` outside git."""
+    """HEAD of the checkout at ``root`` (``-dirty`` when tracked files changed); ``unknown`` outside git."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
@@ -105,7 +117,9 @@ def make_logger(cfg: DictConfig, job: dict[str, Any]) -> MLFlowLogger:
     logger.log_hyperparams(flatten(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (Path(tmp) / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(job.get("overrides", [])))))
+        (Path(tmp) / "overrides.yaml").write_text(
+            OmegaConf.to_yaml(OmegaConf.create(list(job.get("overrides", []))))
+        )
         logger.experiment.log_artifacts(logger.run_id, tmp)
     return logger
 
