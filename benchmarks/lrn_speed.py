@@ -36,7 +36,9 @@ def images_per_second(net: nn.Module, batch: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
@@ -48,7 +50,7 @@ def main() -> None:
         "ours": AlexNet(num_classes=10, input_size=32, width=args.width, lrn=True),
         "torch.nn.LocalResponseNorm": AlexNet(num_classes=10, input_size=32, width=args.width, lrn=True),
     }
-    # torch's module cannot keep the two columns apart (ours does, groups=2); the work per element is the same.
+    # torch's module cannot keep the two columns apart (ours does: groups=2); the work per element is equal.
     for name in ("lrn1", "lrn2"):
         torch_lrn = nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
         setattr(nets["torch.nn.LocalResponseNorm"].features, name, torch_lrn)
@@ -57,7 +59,8 @@ def main() -> None:
         for name, net in nets.items():
             speeds[name].append(images_per_second(net, args.batch, args.steps))
     base = statistics.median(speeds["no LRN"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, width {args.width}, batch {args.batch}")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, width {args.width}, batch {args.batch}")
     for name, values in speeds.items():
         median = statistics.median(values)
         print(f"{name:28s} {median:7.1f} images/s   ratio to no LRN: {median / base:.2f}")

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from alexnet.model import AlexNet
 from alexnet.module import AlexNetModule
@@ -128,3 +134,37 @@ def test_paper_recipe_optimizer():
     assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert plateau.factor == 0.1 and config["lr_scheduler"]["monitor"] == "val/top1_err"
     assert math.isclose(plateau.min_lrs[0], 1e-5)
+
+
+def test_http_tracking_server(train_run, tmp_path: Path):
+    """An `http://` tracking URI works unchanged: a real `mlflow server` on localhost receives the run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow server did not start") from None
+                time.sleep(0.5)
+        train_run.tracking_uri, train_run.client = uri, MlflowClient(uri)
+        train_run("experiment=smoke")
+        (run,) = train_run.runs()
+        assert run.info.status == "FINISHED" and "val/top1_err" in run.data.metrics
+        assert "config.yaml" in {a.path for a in train_run.client.list_artifacts(run.info.run_id)}
+        assert list((tmp_path / "server-artifacts").rglob("config.yaml"))  # stored by the server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -106,11 +106,16 @@ def make_logger(cfg: DictConfig, job: dict[str, Any]) -> MLFlowLogger:
     Creating the run here, not lazily at the first metric, means a wrong tracking URI or an unwritable
     store fails in the first second, and a job that dies later still leaves a run that says so.
     """
+    uri = cfg.logger.tracking_uri
+    # A server stores artifacts where it was told to (--artifacts-destination); a path on this machine
+    # would be unreadable to everyone else, so the configured location applies to local stores only.
+    local = not uri.startswith(("http://", "https://")) and cfg.logger.artifact_location
+    artifact_location = Path(cfg.logger.artifact_location).resolve().as_uri() if local else None
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=run_name(job.get("overrides", [])),
-        tracking_uri=cfg.logger.tracking_uri,
-        artifact_location=cfg.logger.artifact_location,
+        tracking_uri=uri,
+        artifact_location=artifact_location,
         tags=run_tags(cfg, job),
         log_model=False,
     )
