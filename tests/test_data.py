@@ -56,8 +56,7 @@ def test_decoded_pixels_equal_pil(cifar10_root: Path):
 
 def test_normalisation_uses_training_statistics(cifar10_root: Path):
     dm = cifar_module(cifar10_root, train_size=1000)
-    images = dm.train_set.images
-    x, _ = dm.on_after_batch_transfer((images, torch.zeros(len(images), dtype=torch.long)), 0)
+    x = dm.augment(dm.train_set.images, "eval")
     assert x.dtype == torch.float32
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3)
@@ -107,7 +106,7 @@ def test_empty_split_is_an_error(tmp_path: Path):
 
 
 def test_imagenet_style_folder_with_workers(tmp_path: Path):
-    """Large JPEGs: resize the short side to 256, crop 227, decoded in two worker processes."""
+    """Large JPEGs decoded in two worker processes to 256x256 canvases; crops of 227 per batch."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("val", 4)):
         for cls in ("n01", "n02"):
@@ -132,10 +131,15 @@ def test_imagenet_style_folder_with_workers(tmp_path: Path):
     dm = AlexNetDataModule(cfg)
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (20, 4, 8)
-    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+    expected = {"train": (4, 3, 227, 227), "eval": (4, 3, 227, 227), "test": (4, 10, 3, 227, 227)}
+    loaders = {"train": dm.train_dataloader(), "eval": dm.val_dataloader(), "test": dm.test_dataloader()}
+    for stage, loader in loaders.items():
         images, labels = next(iter(loader))
-        assert images.shape == (4, 3, 227, 227) and images.dtype == torch.uint8
+        assert images.shape == (4, 3, 256, 256) and images.dtype == torch.uint8
         assert set(labels.tolist()) <= {0, 1}
+        x = dm.augment(images, stage)
+        assert x.shape == expected[stage] and x.dtype == torch.float32
+    assert dm.stats.eigvals.shape == (3,) and dm.stats.pixels == 20 * 256 * 256
 
 
 def test_synthetic_is_deterministic():

@@ -90,6 +90,16 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 128
     num_workers: int = 2
+    # Section 4.1's augmentation, each piece a switch.
+    crops: bool = True
+    flips: bool = True
+    crop_padding: int = 0
+    pca_color: bool = True
+    pca_sigma: float = 0.1
+    ten_crop: bool = True
+    # Training images the pixel statistics (mean, std, RGB covariance) are computed from; null = all.
+    stats_images: int | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.image_size in (32, 227), "data.image_size", self.image_size, "use 227 or 32")
@@ -99,11 +109,20 @@ class DataConfig:
             self.image_size,
             "CIFAR-10 images are 32x32; use data=cifar10 with the 32 network or data=imagefolder for 227",
         )
+        _require(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "0 or more pixels")
         _require(
-            self.resize_size >= self.image_size,
+            self.resize_size + 2 * self.crop_padding >= self.image_size,
             "data.resize_size",
             self.resize_size,
-            f"must be at least the crop size data.image_size={self.image_size}",
+            f"the crop size data.image_size={self.image_size} is larger than the resized image "
+            f"(plus 2 x data.crop_padding={self.crop_padding}); raise data.resize_size",
+        )
+        _require(self.pca_sigma >= 0, "data.pca_sigma", self.pca_sigma, "a standard deviation >= 0")
+        _require(
+            self.stats_images is None or self.stats_images >= 1,
+            "data.stats_images",
+            self.stats_images,
+            "null (all training images) or a positive count",
         )
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "a positive integer")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
