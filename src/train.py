@@ -24,7 +24,7 @@ from hydra.types import RunMode  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from alexnet import tracking  # noqa: E402
+from alexnet import search, tracking  # noqa: E402
 from alexnet.config import ConfigError, check_config, plain  # noqa: E402
 from alexnet.data import AlexNetDataModule  # noqa: E402
 from alexnet.model import AlexNet  # noqa: E402
@@ -45,35 +45,58 @@ def job_info() -> dict[str, Any]:
     }
 
 
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite. The run ends FAILED with the tag ``diverged=true``."""
+
+
 def train(cfg: DictConfig) -> dict[str, float | None]:
     checked = check_config(cfg)  # every switch, before any data is read or weight allocated
     job = job_info()
-    output_dir = Path(job["output_dir"])
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = AlexNetDataModule(checked.data)
-    net = AlexNet(**plain(checked.model))
-    module = AlexNetModule(
-        net,
-        num_classes=checked.model.num_classes,
-        target_train_error=cfg.target_train_error,
-        **plain(checked.optimizer),
-    )
-    logger = tracking.make_logger(cfg, job)
-    log.info(
-        "MLflow run %s (%s) in experiment %s", logger.run_id, logger._run_name, cfg.logger.experiment_name
-    )
+    run = tracking.open_run(cfg, job)
+    if run.finished is not None:
+        log.info(
+            "This configuration already has a %s run in experiment %s (%s): not training it again. "
+            "Pass resume=never to train a new run anyway.",
+            "diverged" if run.finished.data.tags.get("diverged") == "true" else "finished",
+            cfg.logger.experiment_name,
+            run.run_id,
+        )
+        return tracking.summary_of(run.finished)
+    logger = run.logger
+    resumed = f", resuming from {run.resume_from}" if run.resume_from else ""
+    log.info("MLflow run %s in experiment %s%s", run.run_id, cfg.logger.experiment_name, resumed)
     try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = AlexNetDataModule(checked.data)
+        module = AlexNetModule(
+            AlexNet(**plain(checked.model)),
+            num_classes=checked.model.num_classes,
+            target_train_error=cfg.target_train_error,
+            **plain(checked.optimizer),
+        )
+        # Saved at the end of every training epoch, after the module's own epoch-end bookkeeping (Lightning
+        # runs checkpoint callbacks last), so last.ckpt always holds a whole epoch.
         checkpoints = ModelCheckpoint(
-            dirpath=output_dir / "checkpoints", monitor="val/top1_err", mode="min", save_last=True
+            dirpath=run.checkpoint_dir,
+            filename="best",
+            monitor="val/top1_err",
+            mode="min",
+            save_last=True,
+            save_on_train_epoch_end=True,
         )
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer,
             logger=logger,
-            callbacks=[checkpoints, LearningRateMonitor(logging_interval="epoch")],
-            default_root_dir=str(output_dir),
+            callbacks=[
+                checkpoints,
+                LearningRateMonitor(logging_interval="epoch"),
+                *search.trial_callbacks(cfg, logger),  # reports to the Optuna trial when the job is one
+            ],
+            default_root_dir=job["output_dir"],
         )
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=run.resume_from, weights_only=True)
+        if module.diverged:
+            raise Diverged(module.diverged)
         summary = module.summary()
         if cfg.test_after_fit:
             best = checkpoints.best_model_path or None
@@ -82,6 +105,16 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             )
         tracking.log_summary(logger, summary, step=trainer.global_step)
+    except search.TrialPruned as err:  # the study's pruner stopped this trial: not a failure
+        search.mark_pruned(logger, err)
+        raise
+    except Diverged as err:
+        logger.experiment.set_tag(run.run_id, "diverged", "true")
+        tracking.mark_failed(logger, err)
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:
+        tracking.mark_failed(logger, err, status="KILLED")
+        raise
     except BaseException as err:
         tracking.mark_failed(logger, err)
         raise

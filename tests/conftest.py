@@ -49,17 +49,24 @@ class TrainRun:
         self.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         self.client = MlflowClient(self.tracking_uri)
 
-    def __call__(self, *overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
-        args = [sys.executable, str(TRAIN)] + (["-m"] if multirun else [])
-        args += [
+    def base_overrides(self) -> list[str]:
+        return [
             f"logger.tracking_uri={self.tracking_uri}",
             f"logger.artifact_location={self.tmp / 'mlartifacts'}",
             f"hydra.run.dir={self.tmp / 'run'}",
             f"hydra.sweep.dir={self.tmp / 'multirun'}",
+            f"paths.checkpoint_dir={self.tmp / 'checkpoints'}",
             "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false",
-            *overrides,
         ]
+
+    def __call__(self, *overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
+        args = (
+            [sys.executable, str(TRAIN)]
+            + (["-m"] if multirun else [])
+            + self.base_overrides()
+            + list(overrides)
+        )
         env = {**os.environ, "ALEXNET_DATA_DIR": str(SHARED_DATA), "PYTHONWARNINGS": "ignore"}
         env.pop("MLFLOW_TRACKING_URI", None)
         proc = subprocess.run(args, cwd=self.tmp, env=env, capture_output=True, text=True, timeout=timeout)

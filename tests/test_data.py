@@ -101,7 +101,7 @@ def test_missing_data_says_where_and_how(tmp_path: Path):
 def test_empty_split_is_an_error(tmp_path: Path):
     for name in CIFAR10_CLASSES:
         (tmp_path / "train" / name).mkdir(parents=True)
-    with pytest.raises(DataNotFoundError, match="No images in"):
+    with pytest.raises(DataNotFoundError, match="holds no images"):
         cifar_module(tmp_path)
 
 

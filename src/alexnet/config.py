@@ -217,6 +217,7 @@ def check_config(cfg: DictConfig) -> CheckedConfig:
         "a training top-1 error in (0, 1), e.g. 0.25 (Figure 1)",
     )
     _require(isinstance(cfg.get("seed"), int), "seed", cfg.get("seed"), "an integer")
+    _require(cfg.get("resume") in ("auto", "never"), "resume", cfg.get("resume"), "auto or never")
     return checked
 
 

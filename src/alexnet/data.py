@@ -96,6 +96,12 @@ def list_image_folder(split_dir: Path, dataset: DatasetName) -> tuple[list[Path]
     labels: list[int] = []
     for label, name in enumerate(classes):
         found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            # An empty class would still take a label and an output unit, silently: refuse it.
+            raise DataNotFoundError(
+                f"Class folder {split_dir / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                f"add its images or remove the folder."
+            )
         files += found
         labels += [label] * len(found)
     if not files:

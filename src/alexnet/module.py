@@ -11,10 +11,12 @@ time to the target training error, or None for "never").
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MetricCollection, MinMetric
@@ -65,6 +67,7 @@ class AlexNetModule(L.LightningModule):
         self.train_curve: list[tuple[float, float, float]] = [(0.0, 1.0 - 1.0 / num_classes, 0.0)]
         self.epochs_to_target: float | None = None
         self.seconds_to_target: float | None = None
+        self.diverged: str | None = None  # what went non-finite, and when
         self._train_seconds = 0.0
         self._epoch_start = 0.0
         self._last_batch_end = 0.0
@@ -85,8 +88,16 @@ class AlexNetModule(L.LightningModule):
         self._epoch_start = self._last_batch_end = time.perf_counter()
         self._epoch_images = 0
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, self.train_metrics, "train")
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        loss = self._step(batch, self.train_metrics, "train")
+        if not torch.isfinite(loss):
+            # Diverged: a NaN/inf step would poison every weight. Skip it and stop; train() marks the run.
+            self.diverged = (
+                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
+            )
+            self.trainer.should_stop = True
+            return None
+        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
@@ -160,16 +171,52 @@ class AlexNetModule(L.LightningModule):
 
     def summary(self) -> dict[str, float | None]:
         """Per-run numbers after fit: the ones an ablation report compares."""
-        best1 = self.best_val_top1.compute().item() if self.best_val_top1.update_called else math.nan
-        best5 = self.best_val_top5.compute().item() if self.best_val_top5.update_called else math.nan
+        best1, best5 = self._best(self.best_val_top1), self._best(self.best_val_top5)
         final = self.train_curve[-1][1] if len(self.train_curve) > 1 else math.nan
         return {
-            "best/val_top1_err": best1,
-            "best/val_top5_err": best5,
+            "best/val_top1_err": math.nan if best1 is None else best1,
+            "best/val_top5_err": math.nan if best5 is None else best5,
             "final/train_top1_err": final,
             "final/epochs_to_target": self.epochs_to_target,
             "final/seconds_to_target": self.seconds_to_target,
         }
+
+    # Resume: a checkpoint carries what the metrics depend on beyond the weights and the optimizer, so a
+    # resumed run ends with the same numbers as an uninterrupted one (the RNG states drive the data order,
+    # the augmentation and dropout). Plain types only: checkpoints are loaded with weights_only=True.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        np_state = np.random.get_state()
+        checkpoint["alexnet"] = {
+            "train_curve": [list(point) for point in self.train_curve],
+            "epochs_to_target": self.epochs_to_target,
+            "seconds_to_target": self.seconds_to_target,
+            "train_seconds": self._train_seconds,
+            "best_val": [self._best(self.best_val_top1), self._best(self.best_val_top5)],
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "rng_python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("alexnet")
+        if state is None:
+            return
+        self.train_curve = [tuple(point) for point in state["train_curve"]]
+        self.epochs_to_target = state["epochs_to_target"]
+        self.seconds_to_target = state["seconds_to_target"]
+        self._train_seconds = state["train_seconds"]
+        for metric, value in zip((self.best_val_top1, self.best_val_top5), state["best_val"], strict=True):
+            if value is not None:
+                metric.update(value)
+        torch.set_rng_state(state["rng_torch"])
+        kind, keys, *rest = state["rng_numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        version, internal, gauss_next = state["rng_python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+    @staticmethod
+    def _best(metric: MinMetric) -> float | None:
+        return metric.compute().item() if metric.update_called else None
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -13,16 +13,28 @@ side by side. Any tracking URI MLflow accepts works: the default SQLite file, or
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import subprocess
 import tempfile
 import traceback
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 # Overrides that say where things go, not what was trained: left out of run names.
 _NOT_IN_RUN_NAME = (
@@ -100,33 +112,155 @@ def run_tags(cfg: DictConfig, job: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def make_logger(cfg: DictConfig, job: dict[str, Any]) -> MLFlowLogger:
-    """Create the job's MLflow run and record its config before any training starts.
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used. The message says which URI or folder, and what to do."""
 
-    Creating the run here, not lazily at the first metric, means a wrong tracking URI or an unwritable
-    store fails in the first second, and a job that dies later still leaves a run that says so.
+
+# Keys that say where things go or how they are shown, not what is trained: two jobs that differ only in
+# these are the same experiment (the same ``run_key``), so a rerun finds the first one's run to resume.
+_NOT_IN_RUN_KEY = ("paths", "logger", "hydra", "resume", "optuna")
+_NOT_IN_RUN_KEY_LEAVES = (
+    "data.num_workers",
+    "data.cache_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """A digest of everything that decides what this job trains and measures."""
+    values = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_IN_RUN_KEY}
+    for key in _NOT_IN_RUN_KEY_LEAVES:
+        values.pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    uri = str(cfg.logger.tracking_uri)
+    if uri.startswith("sqlite:") and "timeout=" not in uri:
+        # Parallel jobs share one SQLite file: wait up to a minute for another writer's lock instead of
+        # failing at once with "database is locked" (Python's default wait is 5 s).
+        uri += ("&" if "?" in uri else "?") + "timeout=60"
+    return uri
+
+
+def check_reachable(uri: str, seconds: float = 10.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds) as response:
+            response.read()
+    except (OSError, ValueError) as err:
+        raise TrackingError(
+            f"Cannot reach the MLflow tracking server at {uri} ({err}). Start it (mlflow server --host ... "
+            f"--port ...), fix logger.tracking_uri / MLFLOW_TRACKING_URI, or unset it to use the local "
+            f"SQLite store."
+        ) from None
+
+
+@contextmanager
+def store_lock(uri: str):
+    """Serialise first-time schema creation and experiment creation between processes on a SQLite store:
+    both race when several jobs of a parallel sweep start together on a new file."""
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=300):
+        yield
+
+
+@dataclass
+class TrackedRun:
+    """The job's MLflow run, and what an earlier attempt left for it."""
+
+    logger: MLFlowLogger | None  # None when the job already finished: nothing to do
+    run_id: str
+    checkpoint_dir: Path
+    resume_from: Path | None = None  # the last checkpoint of an interrupted attempt
+    finished: Run | None = None  # the earlier run, when it finished (or diverged)
+
+
+def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
+    """Find or create the job's MLflow run before any training starts.
+
+    With ``resume=auto`` (the default) a job whose config (``run_key``) already has a run in the experiment
+    continues it: a FINISHED or diverged run is not trained again; an interrupted or failed one goes on
+    from its last checkpoint, in the same run, so its metric history stays one curve. Creating the run here,
+    not at the first metric, means a wrong URI or an unwritable store fails in the first second, and a job
+    that dies later still leaves a run that says so.
     """
-    uri = cfg.logger.tracking_uri
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    name = cfg.logger.experiment_name
     # A server stores artifacts where it was told to (--artifacts-destination); a path on this machine
     # would be unreadable to everyone else, so the configured location applies to local stores only.
     local = not uri.startswith(("http://", "https://")) and cfg.logger.artifact_location
     artifact_location = Path(cfg.logger.artifact_location).resolve().as_uri() if local else None
-    logger = MLFlowLogger(
-        experiment_name=cfg.logger.experiment_name,
-        run_name=run_name(job.get("overrides", [])),
-        tracking_uri=uri,
-        artifact_location=artifact_location,
-        tags=run_tags(cfg, job),
-        log_model=False,
-    )
-    logger.log_hyperparams(flatten(cfg))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (Path(tmp) / "overrides.yaml").write_text(
-            OmegaConf.to_yaml(OmegaConf.create(list(job.get("overrides", []))))
+    try:
+        with store_lock(uri):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None or experiment.lifecycle_stage == "deleted":
+                experiment_id = client.create_experiment(name, artifact_location=artifact_location)
+            else:
+                experiment_id = experiment.experiment_id
+    except MlflowException as err:
+        raise TrackingError(f"Cannot use the MLflow store {uri}: {err}") from None
+
+    key = run_key(cfg)
+    checkpoints = Path(cfg.paths.checkpoint_dir)
+    previous = None
+    if cfg.get("resume", "auto") == "auto":
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"]
         )
-        logger.experiment.log_artifacts(logger.run_id, tmp)
-    return logger
+        previous = found[0] if found else None
+    if previous is not None:
+        run_id = previous.info.run_id
+        if previous.info.status == "FINISHED" or previous.data.tags.get("diverged") == "true":
+            return TrackedRun(None, run_id, checkpoints / run_id, finished=previous)
+        attempts = int(previous.data.tags.get("attempts", "1")) + 1
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "attempts", str(attempts))
+        last = checkpoints / run_id / "last.ckpt"
+        resume_from = last if last.is_file() else None
+        client.set_tag(run_id, "resumed_from", str(resume_from) if resume_from else "start")
+        logger = MLFlowLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
+        return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from)
+
+    tags = run_tags(cfg, job) | {
+        "run_key": key,
+        "attempts": "1",
+        MLFLOW_RUN_NAME: run_name(job.get("overrides", [])),
+    }
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    logger = MLFlowLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
+    try:
+        logger.log_hyperparams(flatten(cfg))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            overrides = OmegaConf.create(list(job.get("overrides", [])))
+            (Path(tmp) / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+            client.log_artifacts(run_id, tmp)
+    except (OSError, MlflowException) as err:
+        error = TrackingError(
+            f"Cannot record run {run_id} in {uri} (artifacts: {client.get_run(run_id).info.artifact_uri}): "
+            f"{err}. Check that the artifact folder (logger.artifact_location) exists, is writable and has "
+            f"free space."
+        )
+        mark_failed(logger, error)
+        raise error from None
+    client.set_tag(run_id, "checkpoint_dir", str(checkpoints / run_id))
+    return TrackedRun(logger, run_id, checkpoints / run_id)
+
+
+def summary_of(run: Run) -> dict[str, float | None]:
+    """The per-run numbers of a finished run, as ``train()`` returns them."""
+    return {k: v for k, v in run.data.metrics.items() if k.startswith(("best/", "final/", "test/"))}
 
 
 def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: int) -> None:
@@ -137,12 +271,34 @@ def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: in
         logger.experiment.set_tag(logger.run_id, "epochs_to_target", "never")
 
 
-def mark_failed(logger: MLFlowLogger, error: BaseException) -> None:
-    """End the run as FAILED with the error as a tag and the traceback as ``error.txt``."""
+def mark_failed(logger: MLFlowLogger, error: BaseException, status: str = "FAILED") -> None:
+    """End the run as FAILED (or KILLED) with the error as a tag and the traceback as ``error.txt``.
+
+    Each step is tried on its own: when the artifact store is what failed, the status and the tag still land.
+    """
     client: MlflowClient = logger.experiment
-    client.set_tag(logger.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    steps = (
+        lambda: client.set_tag(logger.run_id, "error", f"{type(error).__name__}: {error}"[:5000]),
+        lambda: _log_text(client, logger.run_id, "error.txt", "".join(traceback.format_exception(error))),
+        lambda: client.set_terminated(logger.run_id, status),
+    )
+    for step in steps:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - report every failure, lose none of the others
+            log.error("could not record the failure of run %s in MLflow: %s", logger.run_id, err)
+
+
+def _log_text(client: MlflowClient, run_id: str, name: str, text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "error.txt"
-        path.write_text("".join(traceback.format_exception(error)))
-        client.log_artifact(logger.run_id, str(path))
-    client.set_terminated(logger.run_id, "FAILED")
+        path = Path(tmp) / name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path))
+
+
+def tag_run(logger: MLFlowLogger, tags: dict[str, str], status: str | None = None) -> None:
+    """Add tags to the run; with ``status``, also end it so (e.g. KILLED for a trial the pruner stopped)."""
+    for key, value in tags.items():
+        logger.experiment.set_tag(logger.run_id, key, value[:5000])
+    if status is not None:
+        logger.experiment.set_terminated(logger.run_id, status)

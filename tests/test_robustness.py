@@ -1,0 +1,246 @@
+"""Runs and sweeps that survive: kill and resume, a rerun sweep, parallel writers, bad data, bad trackers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, TRAIN
+from PIL import Image
+
+from alexnet.config import DataConfig, Dataset
+from alexnet.data import AlexNetDataModule, DataNotFoundError
+
+# Synthetic data, a narrow net, a few epochs of a few seconds each.
+SMALL = ["experiment=smoke", "model.width=0.25", "data.synthetic_size=1024", "trainer.max_epochs=4"]
+SUMMARY = ("best/val_top1_err", "best/val_top5_err", "final/train_top1_err", "test/top1_err_1crop")
+
+
+def start(train_run, *overrides: str, multirun: bool = False) -> subprocess.Popen:
+    """train.py in the background, in its own process group, as TrainRun would run it."""
+    args = (
+        [sys.executable, str(TRAIN)]
+        + (["-m"] if multirun else [])
+        + train_run.base_overrides()
+        + list(overrides)
+    )
+    env = {**os.environ, "ALEXNET_DATA_DIR": str(SHARED_DATA), "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        args,
+        cwd=train_run.tmp,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeout: float = 300) -> Path:
+    """SIGKILL the whole job as soon as one epoch is checkpointed: the next epoch is then under way."""
+    deadline = time.monotonic() + timeout
+    while not (found := list(checkpoints.glob("*/last.ckpt"))):
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return found[0]
+
+
+def test_killed_job_resumes_into_the_same_run_with_the_same_result(train_run, tmp_path: Path):
+    reference = type(train_run)(tmp_path / "uninterrupted")
+    reference.tmp.mkdir(exist_ok=True)
+    reference(*SMALL)
+    (expected,) = reference.runs()
+
+    proc = start(train_run, *SMALL)
+    kill_after_first_checkpoint(proc, train_run.tmp / "checkpoints")
+    (killed,) = train_run.runs()
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to say goodbye
+    train_run(*SMALL)  # the same command again
+
+    (run,) = train_run.runs()  # no duplicate run
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["attempts"] == "2" and run.data.tags["resumed_from"].endswith("last.ckpt")
+    history = train_run.client.get_metric_history(run.info.run_id, "val/top1_err")
+    assert len({m.step for m in history}) == 4  # one continuous curve, one point per epoch
+    for key in SUMMARY:
+        assert run.data.metrics[key] == pytest.approx(expected.data.metrics[key], abs=1e-6), key
+
+
+def test_rerunning_a_finished_job_trains_nothing(train_run):
+    train_run("experiment=smoke")
+    proc = train_run("experiment=smoke")
+    assert "not training it again" in proc.stdout + proc.stderr
+    assert len(train_run.runs()) == 1
+    train_run("experiment=smoke", "resume=never")
+    assert len(train_run.runs()) == 2
+
+
+def test_parallel_jobs_share_one_sqlite_store(train_run):
+    """4 processes (hydra-joblib-launcher) write to one new SQLite file at once: every run, every metric."""
+    train_run(
+        "experiment=smoke", "trainer.max_epochs=2", "seed=1,2,3,4", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4", multirun=True,
+    )  # fmt: skip
+    runs = train_run.runs()
+    assert sorted(r.data.params["seed"] for r in runs) == ["1", "2", "3", "4"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        for key in ("train/top1_err", "val/top1_err", "lr-SGD"):
+            assert len(train_run.client.get_metric_history(r.info.run_id, key)) == 2, key
+        assert "test/top1_err_10crop" in r.data.metrics
+
+
+def test_chaos_sweep(train_run, tmp_path: Path):
+    """One job finishes, one raises, one diverges, one is killed; the sweep is rerun until all is settled."""
+    conf = tmp_path / "chaos_conf" / "experiment"
+    conf.mkdir(parents=True)
+    cases = {
+        "chaos_ok": "seed: 1",
+        "chaos_raise": "data:\n  dataset: cifar10\n  root: /nonexistent/cifar10",  # fails in setup
+        "chaos_diverge": "optimizer:\n  lr: 1.0e12",
+        "chaos_killed": "seed: 2\ntrainer:\n  max_epochs: 6",
+    }
+    for name, body in cases.items():
+        header = f"# @package _global_\ndefaults:\n  - smoke\n  - _self_\ntask_name: {name}\n"
+        (conf / f"{name}.yaml").write_text(header + body + "\n")
+    sweep = [
+        f"hydra.searchpath=[file://{tmp_path / 'chaos_conf'}]",
+        "experiment=chaos_ok,chaos_raise,chaos_diverge,chaos_killed",
+        "model.width=0.25",
+        "data.synthetic_size=1024",
+    ]
+    proc = start(train_run, *sweep, multirun=True)
+    kill_after_first_checkpoint_of(proc, train_run, "chaos_killed")
+    rerun = train_run(*sweep, multirun=True, check=False)
+    assert rerun.returncode != 0  # the raising job still raises, and the sweep says so at the end
+    by_case = {r.data.params["task_name"]: r for r in train_run.runs()}
+    assert len(train_run.runs()) == 4  # exactly one run per job
+    status = {name: (r.info.status, r.data.tags.get("attempts")) for name, r in by_case.items()}
+    assert status == {
+        "chaos_ok": ("FINISHED", "1"),  # not trained again
+        "chaos_raise": ("FAILED", "2"),
+        "chaos_diverge": ("FAILED", "1"),  # a result, not an accident: not retried
+        "chaos_killed": ("FINISHED", "2"),
+    }
+    assert "/nonexistent/cifar10" in by_case["chaos_raise"].data.tags["error"]
+    diverged = by_case["chaos_diverge"].data.tags
+    assert diverged["diverged"] == "true" and "training loss became" in diverged["error"]
+    history = train_run.client.get_metric_history(by_case["chaos_killed"].info.run_id, "val/top1_err")
+    assert len({m.step for m in history}) == 6
+
+
+def kill_after_first_checkpoint_of(
+    proc: subprocess.Popen, train_run, task: str, timeout: float = 400
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the sweep ended before the last job could be killed"
+        assert time.monotonic() < deadline, "the last job never checkpointed"
+        running = [r for r in train_run.runs() if r.data.params.get("task_name") == task]
+        if running and (train_run.tmp / "checkpoints" / running[0].info.run_id / "last.ckpt").is_file():
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+# --- bad data -----------------------------------------------------------------------------------------
+
+
+def image_folder(root: Path, per_class: int = 4, classes=("a", "b")) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.jpg"
+                )
+    return root
+
+
+def folder_module(root: Path) -> AlexNetDataModule:
+    cfg = DataConfig(dataset=Dataset.cifar10, root=str(root), num_classes=2, val_size=2, batch_size=4)
+    dm = AlexNetDataModule(cfg)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_unreadable_image_is_named(tmp_path: Path, damage: str):
+    root = image_folder(tmp_path)
+    bad = root / "train" / "b" / "2.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(b"this is not a JPEG" * 10 if damage == "corrupt" else data[: len(data) // 3])
+    with pytest.raises(RuntimeError, match=str(bad)):
+        folder_module(root)
+
+
+def test_grayscale_and_rgba_files_become_rgb(tmp_path: Path):
+    root = image_folder(tmp_path)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8), mode="L").save(
+        root / "train" / "a" / "gray.png"
+    )
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), mode="RGBA").save(
+        root / "train" / "b" / "rgba.png"
+    )
+    dm = folder_module(root)
+    assert len(dm.train_set) + len(dm.val_set) == 10
+    assert dm.train_set.images.shape[1:] == (3, 32, 32)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path):
+    root = image_folder(tmp_path)
+    (root / "train" / "c").mkdir()
+    with pytest.raises(DataNotFoundError, match=str(root / "train" / "c")):
+        folder_module(root)
+
+
+def test_missing_split_folder_is_named(tmp_path: Path):
+    root = image_folder(tmp_path)
+    for f in (root / "test" / "a").iterdir():
+        f.unlink()
+    (root / "test" / "a").rmdir()
+    (root / "test" / "b").rename(root / "elsewhere")
+    (root / "test").rmdir()
+    with pytest.raises(DataNotFoundError, match="CIFAR-10 not found"):
+        folder_module(root)
+
+
+# --- tracking failures -----------------------------------------------------------------------------------
+
+
+def test_unreachable_tracking_server_fails_before_training(train_run):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    begin = time.monotonic()
+    proc = train_run(
+        "experiment=smoke", f"logger.tracking_uri=http://127.0.0.1:{port}", check=False, timeout=120
+    )
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert f"Cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in output
+    assert "Epoch" not in output and time.monotonic() - begin < 60
+
+
+def test_unwritable_artifact_location_is_reported(train_run, tmp_path: Path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the artifact folder should be")
+    proc = train_run("experiment=smoke", f"logger.artifact_location={blocker / 'artifacts'}", check=False)
+    assert proc.returncode != 0
+    assert "Cannot record run" in proc.stdout + proc.stderr
+    (run,) = train_run.runs()
+    assert run.info.status == "FAILED" and "Cannot record run" in run.data.tags["error"]
