@@ -31,3 +31,4 @@ def lint(session: nox.Session) -> None:
 def benchmarks(session: nox.Session) -> None:
     """Ratios measured within one run (never absolute seconds): see benchmarks/."""
     session.run("python", "benchmarks/lrn_speed.py")
+    session.run("python", "benchmarks/loader_speed.py")

@@ -60,7 +60,8 @@ class TrainRun:
             "trainer.enable_model_summary=false",
         ]
 
-    def __call__(self, *overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
+    def command(self, *overrides: str, multirun: bool = False) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of `python src/train.py [-m] overrides` for this store."""
         args = (
             [sys.executable, str(TRAIN)]
             + (["-m"] if multirun else [])
@@ -69,6 +70,10 @@ class TrainRun:
         )
         env = {**os.environ, "ALEXNET_DATA_DIR": str(SHARED_DATA), "PYTHONWARNINGS": "ignore"}
         env.pop("MLFLOW_TRACKING_URI", None)
+        return args, env
+
+    def __call__(self, *overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
+        args, env = self.command(*overrides, multirun=multirun)
         proc = subprocess.run(args, cwd=self.tmp, env=env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(

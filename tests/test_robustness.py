@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, TRAIN
 from PIL import Image
 
 from alexnet.config import DataConfig, Dataset
@@ -24,14 +22,7 @@ SUMMARY = ("best/val_top1_err", "best/val_top5_err", "final/train_top1_err", "te
 
 def start(train_run, *overrides: str, multirun: bool = False) -> subprocess.Popen:
     """train.py in the background, in its own process group, as TrainRun would run it."""
-    args = (
-        [sys.executable, str(TRAIN)]
-        + (["-m"] if multirun else [])
-        + train_run.base_overrides()
-        + list(overrides)
-    )
-    env = {**os.environ, "ALEXNET_DATA_DIR": str(SHARED_DATA), "PYTHONWARNINGS": "ignore"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    args, env = train_run.command(*overrides, multirun=multirun)
     return subprocess.Popen(
         args,
         cwd=train_run.tmp,
