@@ -52,6 +52,7 @@ class Diverged(RuntimeError):
 def train(cfg: DictConfig) -> dict[str, float | None]:
     checked = check_config(cfg)  # every switch, before any data is read or weight allocated
     job = job_info()
+    search.check_run_mode(cfg)
     run = tracking.open_run(cfg, job)
     if run.finished is not None:
         log.info(
@@ -105,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             )
         tracking.log_summary(logger, summary, step=trainer.global_step)
+        tracking.finish(logger)
     except search.TrialPruned as err:  # the study's pruner stopped this trial: not a failure
         search.mark_pruned(logger, err)
         raise

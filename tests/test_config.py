@@ -29,7 +29,8 @@ def test_paper_network_on_imagenet_composes(compose_cfg):
         ("model.dropout=1.5", "model.dropout", "[0, 1)"),
         ("model.columns=3", "model.columns", "1 (one-GPU net) or 2"),
         ("model.pool=huge", "model.pool", "non_overlapping"),
-        ("model.lrn=maybe", "model.lrn", ""),
+        ("model.lrn=maybe", "model.lrn", "not a valid bool"),
+        ("+trainer.max_epoch=3", "trainer.max_epoch", "lightning.pytorch.Trainer"),  # a typo in a trainer key
         ("+model.colums=1", "model.colums", "columns"),  # a typo: unknown key, the allowed keys listed
         ("optimizer.lr=-1", "optimizer.lr", "positive"),
         ("data.batch_size=0", "data.batch_size", "positive"),

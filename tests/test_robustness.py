@@ -45,17 +45,25 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeo
     return found[0]
 
 
+def curve(store, run, key: str) -> set[tuple[int, float]]:
+    """A metric's history as (step, value) points; a point logged again after a resume counts once."""
+    return {(m.step, round(m.value, 6)) for m in store.client.get_metric_history(run.info.run_id, key)}
+
+
 def test_killed_job_resumes_into_the_same_run_with_the_same_result(train_run, tmp_path: Path):
+    # patience 0: the schedule drops the learning rate whenever validation error does not improve, so a
+    # resume that lost a schedule step would show in the lr-SGD curve.
+    job = (*SMALL, "optimizer.plateau_patience=0")
     reference = type(train_run)(tmp_path / "uninterrupted")
     reference.tmp.mkdir(exist_ok=True)
-    reference(*SMALL)
+    reference(*job)
     (expected,) = reference.runs()
 
-    proc = start(train_run, *SMALL)
+    proc = start(train_run, *job)
     kill_after_first_checkpoint(proc, train_run.tmp / "checkpoints")
     (killed,) = train_run.runs()
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to say goodbye
-    train_run(*SMALL)  # the same command again
+    train_run(*job)  # the same command again
 
     (run,) = train_run.runs()  # no duplicate run
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
@@ -64,6 +72,8 @@ def test_killed_job_resumes_into_the_same_run_with_the_same_result(train_run, tm
     assert len({m.step for m in history}) == 4  # one continuous curve, one point per epoch
     for key in SUMMARY:
         assert run.data.metrics[key] == pytest.approx(expected.data.metrics[key], abs=1e-6), key
+    for key in ("lr-SGD", "val/top1_err", "train/top1_err", "train/loss"):
+        assert curve(train_run, run, key) == curve(reference, expected, key), key
 
 
 def test_rerunning_a_finished_job_trains_nothing(train_run):
@@ -235,3 +245,18 @@ def test_unwritable_artifact_location_is_reported(train_run, tmp_path: Path):
     assert "Cannot record run" in proc.stdout + proc.stderr
     (run,) = train_run.runs()
     assert run.info.status == "FAILED" and "Cannot record run" in run.data.tags["error"]
+
+
+def test_a_second_live_job_with_the_same_config_is_refused(train_run, compose_cfg):
+    """Two live processes must never write into one run and one last.ckpt: the second is refused at once."""
+    from filelock import FileLock
+
+    from alexnet.tracking import run_key
+
+    key = run_key(compose_cfg("experiment=smoke"))  # what the subprocess computes: paths and loggers aside
+    with FileLock(train_run.tmp / "checkpoints" / f"{key}.lock"):  # as a running job holds it
+        proc = train_run("experiment=smoke", check=False)
+    assert proc.returncode != 0
+    assert "is running in another process" in proc.stdout + proc.stderr
+    train_run("experiment=smoke")  # once the other job is gone, the same command trains
+    assert [r.info.status for r in train_run.runs()] == ["FINISHED"]

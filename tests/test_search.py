@@ -88,20 +88,33 @@ def test_a_search_space_optuna_cannot_sample_names_its_entry(entry: str, message
 
 
 @pytest.mark.parametrize(
-    ("overrides", "study", "searched"),
+    ("overrides", "study", "searched", "pruner"),
     [
-        (["hparams_search=cifar_sgd"], "cifar_sgd", {"optimizer.lr", "optimizer.weight_decay"}),
-        (["hparams_search=figure1_lr", "model.activation=tanh"], "figure1_lr_tanh", {"optimizer.lr"}),
+        (
+            ["hparams_search=cifar_sgd"],
+            "cifar_sgd",
+            {"optimizer.lr", "optimizer.weight_decay"},
+            "MedianPruner",
+        ),
+        # Figure 1 times training speed: no pruning on validation error there.
+        (
+            ["hparams_search=figure1_lr", "model.activation=tanh"],
+            "figure1_lr_tanh",
+            {"optimizer.lr"},
+            "NopPruner",
+        ),
     ],
 )
-def test_the_shipped_searches_compose_and_parse(overrides: list[str], study: str, searched: set[str]):
+def test_the_shipped_searches_compose_and_parse(
+    overrides: list[str], study: str, searched: set[str], pruner: str
+):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper.study_name == study
     assert sweeper.storage == f"sqlite:///{ROOT}/optuna.db"  # next to mlflow.db
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 0
-    assert sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
+    assert sweeper.pruner._target_ == f"optuna.pruners.{pruner}"
     params = OmegaConf.to_container(sweeper.params, resolve=True)
     space, _ = space_of(*params_to_entries(params))
     assert searched <= {p.name for p in space}

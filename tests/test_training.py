@@ -124,12 +124,18 @@ def test_time_to_target_interpolates_between_epochs():
     module = AlexNetModule(
         AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10, target_train_error=0.25
     )
-    module.train_curve += [(1.0, 0.5, 10.0), (2.0, 0.2, 20.0)]
-    module._check_target = AlexNetModule._check_target.__get__(module)  # no trainer: skip logging
-    module.log = lambda *args, **kwargs: None
-    module._check_target()
+    module.train_curve += [(1.0, 0.5, 10.0)]
+    assert not module._check_target() and module.epochs_to_target is None
+    module.train_curve += [(2.0, 0.2, 20.0)]
+    assert module._check_target()
     assert module.epochs_to_target == pytest.approx(1 + (0.5 - 0.25) / (0.5 - 0.2))
     assert module.seconds_to_target == pytest.approx(10 + 10 * (0.25 / 0.3))
+    # A target at or above chance error (0.9 for 10 classes) counts as reached at the start, never before.
+    easy = AlexNetModule(
+        AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10, target_train_error=0.95
+    )
+    easy.train_curve += [(1.0, 0.85, 10.0)]
+    assert easy._check_target() and easy.epochs_to_target == 0.0
 
 
 def test_paper_recipe_optimizer():

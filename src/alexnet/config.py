@@ -7,10 +7,12 @@ type, an unknown key or a value outside its enum fails with the section's full k
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
+from lightning.pytorch import Trainer
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -217,6 +219,14 @@ def check_config(cfg: DictConfig) -> CheckedConfig:
         "a training top-1 error in (0, 1), e.g. 0.25 (Figure 1)",
     )
     _require(isinstance(cfg.get("seed"), int), "seed", cfg.get("seed"), "an integer")
+    trainer_args = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    for key in resolved.get("trainer", {}):
+        _require(
+            key == "_target_" or key in trainer_args,
+            f"trainer.{key}",
+            resolved["trainer"][key],
+            "not an argument of lightning.pytorch.Trainer; see its documentation for the names",
+        )
     _require(cfg.get("resume") in ("auto", "never"), "resume", cfg.get("resume"), "auto or never")
     return checked
 

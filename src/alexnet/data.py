@@ -127,9 +127,12 @@ def decode_files(files: list[Path]) -> torch.Tensor:
                 decoded.append(decode_image(data, mode=ImageReadMode.RGB))
             except RuntimeError as err:
                 raise RuntimeError(f"Cannot decode image {f}: {err}") from None
-    shapes = {tuple(img.shape) for img in decoded}
-    if len(shapes) > 1:
-        raise ValueError(f"Images under {files[0].parent.parent} differ in size ({sorted(shapes)[:3]}...).")
+    for f, img in zip(files, decoded, strict=True):
+        if img.shape != decoded[0].shape:
+            raise ValueError(
+                f"Image {f} is {tuple(img.shape)[1:]} but {files[0]} is {tuple(decoded[0].shape)[1:]}: "
+                f"an in-memory data set needs images of one size."
+            )
     return torch.stack(decoded)
 
 
@@ -329,6 +332,11 @@ class AlexNetDataModule(L.LightningDataModule):
             self._setup_cifar10()
         else:
             self._setup_imagefolder()
+        if len(self.classes) != cfg.num_classes:
+            raise ValueError(
+                f"data.num_classes={cfg.num_classes} but {cfg.root} has {len(self.classes)} classes: "
+                f"set data.num_classes={len(self.classes)}."
+            )
         log.info(
             "data: %s, %d train / %d val / %d test images, %d classes; pixel mean %s std %s",
             cfg.dataset.value,
@@ -380,6 +388,11 @@ class AlexNetDataModule(L.LightningDataModule):
         test = datasets.ImageFolder(str(root / cfg.test_split), canvas, loader=read_rgb)
         val_idx, train_idx = _split_indices(len(train), cfg.val_size, cfg.train_size, cfg.split_seed)
         self.classes = tuple(train.classes)
+        if tuple(test.classes) != self.classes:
+            raise ValueError(
+                f"The class folders of {root / 'train'} and {root / cfg.test_split} differ "
+                f"({sorted(set(self.classes) ^ set(test.classes))}): labels would not match. Make them equal."
+            )
         self.train_set = Subset(train, train_idx.tolist())
         self.val_set = Subset(train, val_idx.tolist())
         self.test_set = Subset(test, _subset(len(test), cfg.test_size, cfg.split_seed).tolist())

@@ -99,7 +99,9 @@ class LocalResponseNorm(nn.Module):
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k, self.groups)
+        # In float32 under fp16/bf16 autocast: x^2 overflows fp16 above 256; bf16 is too coarse for log/exp.
+        a = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return _LRNFunction.apply(a, self.size, self.alpha, self.beta, self.k, self.groups).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics import MetricCollection, MinMetric
+from torchmetrics import MeanMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -58,6 +58,7 @@ class AlexNetModule(L.LightningModule):
         self.net = net
         self.criterion = nn.CrossEntropyLoss()
         self.train_metrics = _error_metrics(num_classes)
+        self.train_loss = MeanMetric()
         self.val_metrics = _error_metrics(num_classes)
         self.test_metrics = _error_metrics(num_classes)  # the centre crop
         self.test_metrics_10crop = _error_metrics(num_classes)
@@ -81,7 +82,10 @@ class AlexNetModule(L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         metrics.update(logits.detach(), labels)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        if stage == "train":
+            self.train_loss.update(loss.detach(), weight=len(labels))
+        else:
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -121,21 +125,35 @@ class AlexNetModule(L.LightningModule):
                 probs += self(views[:, v]).softmax(dim=1)
             self.test_metrics_10crop.update(probs / views.shape[1], labels)
 
-    def _log_errors(self, metrics: MetricCollection, stage: str, suffix: str = "") -> dict[str, float]:
+    def _errors(self, metrics: MetricCollection, stage: str, suffix: str = "") -> dict[str, float]:
         accuracy = metrics.compute()
         metrics.reset()
-        errors = {
-            f"{stage}/top1_err{suffix}": 1.0 - accuracy["top1_acc"],
-            f"{stage}/top5_err{suffix}": 1.0 - accuracy["top5_acc"],
+        return {
+            f"{stage}/top1_err{suffix}": 1.0 - float(accuracy["top1_acc"]),
+            f"{stage}/top5_err{suffix}": 1.0 - float(accuracy["top5_acc"]),
         }
+
+    def _log_errors(self, metrics: MetricCollection, stage: str, suffix: str = "") -> dict[str, float]:
+        errors = self._errors(metrics, stage, suffix)
         self.log_dict(errors)
-        return {k: float(v) for k, v in errors.items()}
+        return errors
+
+    def _log_now(self, metrics: dict[str, float]) -> None:
+        """Straight to the logger, not through ``self.log``: Lightning sends training-epoch metrics only after
+        the epoch-end checkpoint, so a job killed in between would resume without them, a hole in the curve.
+        (Also into ``callback_metrics``, where callbacks and the progress bar look for them.)"""
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=max(self.global_step - 1, 0))
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.val_metrics.reset()
             return
         errors = self._log_errors(self.val_metrics, "val")
+        # Section 5's schedule steps here, right after validation, not where Lightning would (after the
+        # epoch-end checkpoint): so last.ckpt holds the stepped schedule and a resumed run keeps every drop.
+        self.lr_schedulers().step(errors["val/top1_err"])
         self.best_val_top1.update(errors["val/top1_err"])
         self.best_val_top5.update(errors["val/top5_err"])
         self.log("val/top1_err_best", self.best_val_top1.compute())
@@ -144,24 +162,31 @@ class AlexNetModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         seconds = self._last_batch_end - self._epoch_start  # the training batches, not validation
         self._train_seconds += seconds
-        self.log("train/images_per_sec", self._epoch_images / max(seconds, 1e-9))
-        error = self._log_errors(self.train_metrics, "train")["train/top1_err"]
-        self.train_curve.append((float(self.current_epoch + 1), error, self._train_seconds))
-        if self.epochs_to_target is None:
-            self._check_target()
+        metrics = self._errors(self.train_metrics, "train")
+        metrics["train/loss"] = float(self.train_loss.compute())
+        self.train_loss.reset()
+        metrics["train/images_per_sec"] = self._epoch_images / max(seconds, 1e-9)
+        self.train_curve.append(
+            (float(self.current_epoch + 1), metrics["train/top1_err"], self._train_seconds)
+        )
+        if self.epochs_to_target is None and self._check_target():
+            metrics["train/epochs_to_target"] = self.epochs_to_target
+            metrics["train/seconds_to_target"] = self.seconds_to_target
+        self._log_now(metrics)
 
-    def _check_target(self) -> None:
-        """Linear interpolation between the last two points of the (epoch, training error) curve; the curve
-        starts at chance error at epoch 0. Fractional epochs, as Figure 1's x axis."""
+    def _check_target(self) -> bool:
+        """Whether the training error reached the target in the last epoch; if so, when: linear interpolation
+        between the last two points of the (epoch, training error) curve, which starts at chance error at
+        epoch 0. Fractional epochs, as Figure 1's x axis."""
         target = self.hparams.target_train_error
         (e0, err0, s0), (e1, err1, s1) = self.train_curve[-2:]
         if err1 > target:
-            return
-        frac = 1.0 if err0 <= err1 else (err0 - target) / (err0 - err1)
+            return False
+        # err0 <= target: already there at the previous point (a target at or above chance error)
+        frac = 0.0 if err0 <= target else (err0 - target) / (err0 - err1)
         self.epochs_to_target = e0 + frac * (e1 - e0)
         self.seconds_to_target = s0 + frac * (s1 - s0)
-        self.log("train/epochs_to_target", self.epochs_to_target)
-        self.log("train/seconds_to_target", self.seconds_to_target)
+        return True
 
     def on_test_epoch_end(self) -> None:
         ten_crop = self.test_metrics_10crop["top1_acc"].update_called
@@ -230,3 +255,6 @@ class AlexNetModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": "val/top1_err", "interval": "epoch"},
         }
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """Lightning's own step is skipped: ``on_validation_epoch_end`` steps the schedule."""

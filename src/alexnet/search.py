@@ -71,18 +71,22 @@ class ReportToTrial(Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch} with {self.metric}={value:.4f}")
 
 
+def check_run_mode(cfg: DictConfig) -> None:
+    """Stop ``hparams_search=...`` without ``-m`` before anything is tracked: Hydra would run one plain job
+    with the config's values (hours of training, no search)."""
+    hydra_cfg = HydraConfig.get()
+    if not cfg.get("optuna") and hydra_cfg.mode == RunMode.RUN and "storage" in hydra_cfg.sweeper:
+        raise ConfigError(
+            "hparams_search=... runs an Optuna study only as a multirun: add -m, e.g. "
+            "python src/train.py -m hparams_search=cifar_sgd"
+        )
+
+
 def trial_callbacks(cfg: DictConfig, logger: MLFlowLogger) -> list[Callback]:
     """[the reporting callback] when this job is a trial of an Optuna sweep, else []."""
-    hydra_cfg = HydraConfig.get()
-    sweeper = hydra_cfg.sweeper
+    sweeper = HydraConfig.get().sweeper
     job = cfg.get("optuna")
     if not job:
-        if hydra_cfg.mode == RunMode.RUN and "storage" in sweeper:
-            # Without -m Hydra runs one plain job with the config's values: hours of training, no search.
-            raise ConfigError(
-                "hparams_search=... runs an Optuna study only as a multirun: add -m, e.g. "
-                "python src/train.py -m hparams_search=cifar_sgd"
-            )
         return []
     if "storage" not in sweeper or "report" not in sweeper:
         raise ConfigError(

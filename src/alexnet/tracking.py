@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -173,6 +173,20 @@ def store_lock(uri: str):
         yield
 
 
+class RunLogger(MLFlowLogger):
+    """Lightning ends the MLflow run FINISHED as soon as ``fit`` returns; ``train()`` still has to test and
+    log the summary. A run killed then would look complete and never be resumed, so success is left to
+    ``finish``; failures still end the run at once."""
+
+    def finalize(self, status: str = "success") -> None:
+        if status != "success":
+            super().finalize(status)
+
+
+def finish(logger: MLFlowLogger) -> None:
+    logger.experiment.set_terminated(logger.run_id, "FINISHED")
+
+
 @dataclass
 class TrackedRun:
     """The job's MLflow run, and what an earlier attempt left for it."""
@@ -182,6 +196,7 @@ class TrackedRun:
     checkpoint_dir: Path
     resume_from: Path | None = None  # the last checkpoint of an interrupted attempt
     finished: Run | None = None  # the earlier run, when it finished (or diverged)
+    lock: FileLock | None = None  # held while this process trains the config: see open_run
 
 
 def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
@@ -213,6 +228,18 @@ def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
 
     key = run_key(cfg)
     checkpoints = Path(cfg.paths.checkpoint_dir)
+    # One process at a time per config: a second job with the same config (a sweep rerun while the first
+    # still runs, two parallel trials that drew the same values) would write into the same run and the same
+    # last.ckpt. The OS drops the lock when its process dies, so a killed job can still be resumed.
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(checkpoints / f"{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise TrackingError(
+            f"A job with the same configuration (run_key {key}) is running in another process on this "
+            f"machine (lock {lock.lock_file}). Wait for it, or pass resume=never to train a separate run."
+        ) from None
     previous = None
     if cfg.get("resume", "auto") == "auto":
         found = client.search_runs(
@@ -222,6 +249,7 @@ def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
     if previous is not None:
         run_id = previous.info.run_id
         if previous.info.status == "FINISHED" or previous.data.tags.get("diverged") == "true":
+            lock.release()
             return TrackedRun(None, run_id, checkpoints / run_id, finished=previous)
         attempts = int(previous.data.tags.get("attempts", "1")) + 1
         client.update_run(run_id, status="RUNNING")
@@ -229,8 +257,8 @@ def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
         last = checkpoints / run_id / "last.ckpt"
         resume_from = last if last.is_file() else None
         client.set_tag(run_id, "resumed_from", str(resume_from) if resume_from else "start")
-        logger = MLFlowLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
-        return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from)
+        logger = RunLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
+        return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from, lock=lock)
 
     tags = run_tags(cfg, job) | {
         "run_key": key,
@@ -238,7 +266,7 @@ def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
         MLFLOW_RUN_NAME: run_name(job.get("overrides", [])),
     }
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
-    logger = MLFlowLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
+    logger = RunLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
     try:
         logger.log_hyperparams(flatten(cfg))
         with tempfile.TemporaryDirectory() as tmp:
@@ -255,12 +283,15 @@ def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
         mark_failed(logger, error)
         raise error from None
     client.set_tag(run_id, "checkpoint_dir", str(checkpoints / run_id))
-    return TrackedRun(logger, run_id, checkpoints / run_id)
+    return TrackedRun(logger, run_id, checkpoints / run_id, lock=lock)
 
 
 def summary_of(run: Run) -> dict[str, float | None]:
     """The per-run numbers of a finished run, as ``train()`` returns them."""
-    return {k: v for k, v in run.data.metrics.items() if k.startswith(("best/", "final/", "test/"))}
+    summary = {k: v for k, v in run.data.metrics.items() if k.startswith(("best/", "final/", "test/"))}
+    if run.data.tags.get("epochs_to_target") == "never":
+        summary |= {"final/epochs_to_target": None, "final/seconds_to_target": None}
+    return summary
 
 
 def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: int) -> None:
