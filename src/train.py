@@ -120,6 +120,8 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     except BaseException as err:
         tracking.mark_failed(logger, err)
         raise
+    finally:
+        run.lock.release()  # when the job ends, not the process: a sweep runs its jobs in one process
     log.info("summary: %s", summary)
     return summary
 
