@@ -13,10 +13,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_full_size_network_takes_training_steps():
-    """The paper's 60,965,224-parameter net at 227x227: loss falls on a fixed batch with the paper's SGD."""
+    """The paper's 60,965,224-parameter net at 227x227: loss falls on a fixed batch with SGD (momentum 0.9,
+    weight decay 5e-4; lr 1e-3, as 0.01 overshoots on eight random images in six steps)."""
     torch.manual_seed(0)
     net = AlexNet(num_classes=10)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(8, 3, 227, 227), torch.arange(8) % 10
     net.eval()  # no dropout: the same function at every step
     losses = []
