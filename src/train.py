@@ -27,7 +27,7 @@ from omegaconf import DictConfig  # noqa: E402
 from alexnet import search, tracking  # noqa: E402
 from alexnet.config import ConfigError, check_config, plain  # noqa: E402
 from alexnet.data import AlexNetDataModule  # noqa: E402
-from alexnet.model import AlexNet  # noqa: E402
+from alexnet.model import build_network  # noqa: E402
 from alexnet.module import AlexNetModule  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,10 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = AlexNetDataModule(checked.data)
         module = AlexNetModule(
-            AlexNet(**plain(checked.model)),
+            build_network(**plain(checked.model)),
             num_classes=checked.model.num_classes,
             target_train_error=cfg.target_train_error,
+            stop_at_target=cfg.stop_at_target,
             **plain(checked.optimizer),
         )
         # Saved at the end of every training epoch, after the module's own epoch-end bookkeeping (Lightning

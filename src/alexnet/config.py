@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A config value that cannot work. The message names the key, the value and what is allowed."""
 
 
+class Arch(str, Enum):
+    alexnet = "alexnet"
+    figure1_cnn = "figure1_cnn"
+
+
 class Activation(str, Enum):
     relu = "relu"
     tanh = "tanh"
@@ -55,6 +60,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class ModelConfig:
+    arch: Arch = Arch.alexnet
     num_classes: int = 1000
     input_size: int = 227
     activation: Activation = Activation.relu
@@ -74,6 +80,11 @@ class ModelConfig:
             self.columns in (1, 2), "model.columns", self.columns, "1 (one-GPU net) or 2 (two-column net)"
         )
         _require(0.0 < self.width <= 4.0, "model.width", self.width, "a multiplier in (0, 4]")
+        if self.arch is Arch.figure1_cnn:
+            why = "Figure 1's four-layer net (model.arch=figure1_cnn) is one-column, 32x32, no dropout"
+            _require(self.input_size == 32, "model.input_size", self.input_size, why)
+            _require(self.columns == 1, "model.columns", self.columns, why)
+            _require(self.dropout == 0.0, "model.dropout", self.dropout, why)
 
 
 @dataclass
@@ -228,6 +239,12 @@ def check_config(cfg: DictConfig) -> CheckedConfig:
             "not an argument of lightning.pytorch.Trainer; see its documentation for the names",
         )
     _require(cfg.get("resume") in ("auto", "never"), "resume", cfg.get("resume"), "auto or never")
+    _require(
+        isinstance(cfg.get("stop_at_target"), bool),
+        "stop_at_target",
+        cfg.get("stop_at_target"),
+        "true or false",
+    )
     return checked
 
 

@@ -39,6 +39,7 @@ class AlexNetModule(L.LightningModule):
     plateau_factor, plateau_patience, min_lr: "divide the learning rate by 10 when the validation error
         rate stopped improving"; the paper did so three times, so min_lr defaults to lr / 1000.
     target_train_error: the training top-1 error whose first crossing is timed (Figure 1: 25%).
+    stop_at_target: end training at the epoch that reaches it (Figure 1 measures nothing after it).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class AlexNetModule(L.LightningModule):
         plateau_patience: int = 2,
         min_lr: float = 1e-5,
         target_train_error: float = 0.25,
+        stop_at_target: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -172,6 +174,8 @@ class AlexNetModule(L.LightningModule):
         if self.epochs_to_target is None and self._check_target():
             metrics["train/epochs_to_target"] = self.epochs_to_target
             metrics["train/seconds_to_target"] = self.seconds_to_target
+            if self.hparams.stop_at_target:
+                self.trainer.should_stop = True
         self._log_now(metrics)
 
     def _check_target(self) -> bool:
