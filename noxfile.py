@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s benchmarks`.
+"""Developer sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s benchmarks`, `nox -s ablations`.
 
 The sessions run in the environment nox is started from (python=False): the project's torch wheels are
 gigabytes, so install once as the README says (`pip install -e ".[dev]"`) and let every session reuse it.
@@ -32,3 +32,23 @@ def benchmarks(session: nox.Session) -> None:
     """Ratios measured within one run (never absolute seconds): see benchmarks/."""
     session.run("python", "benchmarks/lrn_speed.py")
     session.run("python", "benchmarks/loader_speed.py")
+
+
+# Figure 1 at the CPU scale: 2,000 training images (so that tanh can get near 25% training error within 50
+# epochs on 2 cores) and a two-value learning-rate grid. The README gives the numbers this produced.
+CPU_FIGURE1 = ["data.train_size=2000", "trainer.max_epochs=50", "optimizer.lr=0.01,0.03"]
+
+
+@nox.session(python=False)
+def ablations(session: nox.Session) -> None:
+    """The paper's claims at the CPU scale on CIFAR-10 (3 seeds each), then the report.
+
+    `nox -s ablations` runs every claim (+ablation=paper, then Figure 1's protocol); `nox -s ablations -- lrn
+    pooling` runs the named sweeps of conf/ablation/ only. A failed job does not stop the others, and the
+    report lists it, so the report is written whatever the sweeps' exit codes.
+    """
+    for sweep in session.posargs or ["paper", "figure1"]:
+        session.run(
+            "python", "src/train.py", "-m", f"+ablation={sweep}", "experiment=cpu", success_codes=[0, 1]
+        )
+    session.run("python", "src/report.py", "ablation_cpu")
