@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet.model import AlexNet, LocalResponseNorm
+from alexnet.model import AlexNet, Figure1CNN, LocalResponseNorm, build_network
 
 # Sizes of the maps after conv1, pool1, pool2 and pool5 (section 3.5: 55, 27, 13, 6).
 MAP_SIDES = {227: [55, 27, 13, 6], 32: [32, 16, 8, 4]}
@@ -187,3 +187,23 @@ def test_switches_build_the_named_layers():
     assert torch.equal(net(x), net(x))
     paper.train()
     assert not torch.equal(paper(x), paper(x))
+
+
+def test_figure1_net_is_the_four_layer_cifar_net():
+    net = build_network(
+        "figure1_cnn", num_classes=10, input_size=32, activation="tanh", dropout=0.0, columns=1
+    )
+    assert isinstance(net, Figure1CNN)
+    weighted = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in weighted] == [
+        32,
+        32,
+        64,
+        10,
+    ]
+    # 5x5 kernels: 3*32*25+32 + 32*32*25+32 + 32*64*25+64 + 64*4*4*10+10
+    assert sum(p.numel() for p in net.parameters()) == 89_578
+    assert all(isinstance(m, nn.Tanh) for name, m in net.features.named_children() if name.startswith("act"))
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="one-column"):
+        Figure1CNN(columns=2)

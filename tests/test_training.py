@@ -110,6 +110,26 @@ def test_time_to_target_on_learnable_data(train_run):
     assert "epochs_to_target" not in run.data.tags
 
 
+def test_figure1_net_stops_at_the_target(train_run):
+    """Figure 1's protocol: the four-layer net, trained until it reaches the target error and no further."""
+    train_run(
+        "experiment=smoke",
+        "model=figure1_cnn",
+        "trainer.max_epochs=8",
+        "target_train_error=0.5",
+        "stop_at_target=true",
+        "data.crops=false",
+        "data.flips=false",
+        "data.pca_color=false",
+        "optimizer.weight_decay=0",
+    )
+    (run,) = train_run.runs()
+    assert run.data.params["model.arch"] == "figure1_cnn"
+    reached = run.data.metrics["final/epochs_to_target"]
+    epochs = len(train_run.client.get_metric_history(run.info.run_id, "train/top1_err"))
+    assert epochs == math.ceil(reached) < 8  # stopped at the epoch that crossed 50%
+
+
 def test_failed_job_is_recorded_as_failed(train_run, tmp_path: Path):
     missing = tmp_path / "no-such-data"
     proc = train_run("data.train_size=64", f"data.root={missing}", "trainer.max_epochs=1", check=False)
