@@ -41,7 +41,7 @@ CPU_FIGURE1 = [
     "data.train_size=2000",
     "data.batch_size=32",
     "trainer.max_epochs=30",
-    "optimizer.lr=0.01,0.03",
+    "optimizer.lr=0.003,0.01",
 ]
 
 
