@@ -174,6 +174,45 @@ class OptimizerConfig:
         _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "in [0, optimizer.lr]")
 
 
+class DeviceMode(str, Enum):
+    one = "one"
+    model_parallel = "model_parallel"
+    ddp = "ddp"
+
+
+@dataclass
+class DevicesConfig:
+    """Where the network runs (config group ``conf/devices/``); never what it computes.
+
+    ``one``: one device. ``model_parallel``: section 3.2's two GPUs, column A on the first device and column
+    B on the second (``count`` is 2). ``ddp``: data parallel, ``count`` processes with one device and the
+    whole network each; ``data.batch_size`` stays the batch of one step (section 5: 128), split over them.
+    """
+
+    mode: DeviceMode = DeviceMode.one
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode is DeviceMode.one:
+            _require(
+                self.count == 1, "devices.count", self.count,
+                "devices=one trains on 1 device; for more use devices=ddp devices.count=N, or "
+                "devices=model_parallel",
+            )  # fmt: skip
+        elif self.mode is DeviceMode.model_parallel:
+            _require(
+                self.count == 2, "devices.count", self.count,
+                "devices=model_parallel puts one column on each of 2 devices (section 3.2)",
+            )  # fmt: skip
+        else:
+            _require(self.count >= 1, "devices.count", self.count, "1 or more processes, one device each")
+
+    @property
+    def processes(self) -> int:
+        """Training processes: ``count`` for ddp, else 1 (model parallel is one process driving 2 devices)."""
+        return self.count if self.mode is DeviceMode.ddp else 1
+
+
 @dataclass
 class CheckedConfig:
     """The typed sections of a composed config, after ``check_config``."""
@@ -181,9 +220,15 @@ class CheckedConfig:
     model: ModelConfig
     data: DataConfig
     optimizer: OptimizerConfig
+    devices: DevicesConfig
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "devices": DevicesConfig,
+}
 
 
 def _typed(section: str, schema: type, values: Any) -> Any:
@@ -245,7 +290,55 @@ def check_config(cfg: DictConfig) -> CheckedConfig:
         cfg.get("stop_at_target"),
         "true or false",
     )
+    _check_devices(checked, resolved.get("trainer", {}), optuna=bool(cfg.get("optuna")))
     return checked
+
+
+def _check_devices(checked: CheckedConfig, trainer: dict[str, Any], optuna: bool) -> None:
+    """The combinations of ``devices`` with the rest that cannot work."""
+    devices, choice = checked.devices, f"devices={checked.devices.mode.value}"
+    if devices.mode is DeviceMode.model_parallel:
+        _require(
+            checked.model.arch is Arch.alexnet and checked.model.columns == 2,
+            "model.columns" if checked.model.arch is Arch.alexnet else "model.arch",
+            checked.model.columns if checked.model.arch is Arch.alexnet else checked.model.arch.value,
+            f"{choice} splits the two columns of the paper's net over two devices (section 3.2); use "
+            "model.arch=alexnet model.columns=2, or devices=one",
+        )
+    processes = devices.processes
+    if processes > 1:
+        _require(
+            checked.data.batch_size % processes == 0,
+            "data.batch_size",
+            checked.data.batch_size,
+            f"the batch of one step is split over devices.count={processes} processes; use a multiple of "
+            f"{processes}",
+        )
+        _require(
+            checked.data.val_size >= processes,
+            "data.val_size",
+            checked.data.val_size,
+            f"each of the devices.count={processes} processes validates a share of the images; use at least "
+            f"{processes}",
+        )
+        _require(
+            not optuna,
+            "devices.count",
+            processes,
+            "an Optuna trial trains in one process (its pruner decides after each epoch); use devices=one",
+        )
+    # The devices group decides both; a Trainer value that says otherwise would be silently overruled.
+    wanted = {"devices": processes, "strategy": "ddp" if devices.mode is DeviceMode.ddp else "auto"}
+    for key, value in wanted.items():
+        given = trainer.get(key)
+        _require(
+            given is None or given == value,
+            f"trainer.{key}",
+            given,
+            f"{choice} devices.count={devices.count} sets it to {value!r}; choose where the network runs "
+            "with devices=one, devices=model_parallel or devices=ddp devices.count=N, not trainer.devices or "
+            "trainer.strategy",
+        )
 
 
 def plain(section: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -414,10 +415,24 @@ class AlexNetDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         # In-memory tensors are indexed faster than worker processes could ship them; files need workers.
         workers = self.cfg.num_workers if self.cfg.dataset is DatasetName.imagefolder else 0
+        # Data parallel (devices=ddp): data.batch_size is the batch of one step (section 5: 128), so each of
+        # the processes takes its share; Lightning gives each process its own images of the training split.
+        trainer = self.trainer
+        processes = trainer.world_size if trainer is not None else 1
+        sampler = None
+        if processes > 1 and not shuffle:
+            # Evaluation must count each image once. Lightning's DistributedSampler would repeat up to
+            # processes - 1 images so that every process gets as many, and those would count twice in the
+            # validation and test errors; its unrepeated sampler gives the processes shares that differ by
+            # at most one image instead (evaluation has no step-by-step collective: unequal shares are safe).
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=processes, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.cfg.batch_size // processes,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=_already_batched if isinstance(dataset, InMemoryImages) else None,
             num_workers=workers,
             persistent_workers=workers > 0,

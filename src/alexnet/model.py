@@ -10,6 +10,7 @@ layer and in the size of the maps it produces (see ``AlexNet`` and the README's 
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Literal
 
@@ -233,6 +234,162 @@ class AlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _column_slice(tensor: torch.Tensor, column: int) -> torch.Tensor:
+    """Column ``column``'s half of a weight or bias along its output axis (``AlexNet`` orders A, then B)."""
+    half = tensor.shape[0] // 2
+    return tensor[column * half : (column + 1) * half]
+
+
+def _column_conv(conv: nn.Conv2d, column: int) -> nn.Conv2d:
+    """One column's kernels of ``conv``. A grouped conv (conv2, conv4, conv5) keeps only its own column's
+    input maps; an ungrouped one (conv1 on the image, conv3 where the columns cross) keeps all of them."""
+    if conv.groups not in (1, 2):
+        raise ValueError(f"{conv} has {conv.groups} groups; a two-column net has 1 or 2")
+    inputs = conv.in_channels // conv.groups
+    half = nn.Conv2d(
+        inputs, conv.out_channels // 2, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        half.weight.copy_(_column_slice(conv.weight, column))
+        half.bias.copy_(_column_slice(conv.bias, column))
+    return half
+
+
+def _column_linear(fc: nn.Linear, column: int) -> nn.Linear:
+    """One column's neurons of a fully-connected layer: half the outputs, from all inputs (section 3.5)."""
+    half = nn.Linear(fc.in_features, fc.out_features // 2, device=fc.weight.device, dtype=fc.weight.dtype)
+    with torch.no_grad():
+        half.weight.copy_(_column_slice(fc.weight, column))
+        half.bias.copy_(_column_slice(fc.bias, column))
+    return half
+
+
+def _column_lrn(lrn: nn.Module) -> nn.Module:
+    """LRN over one column's maps: the grouped layer's sum, which never crosses columns, on one column."""
+    if isinstance(lrn, LocalResponseNorm):
+        return LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k, groups=1)
+    return nn.Identity()
+
+
+class _Column(nn.Module):
+    """One GPU's half of the two-column net: its kernels in every conv layer, its neurons in fc6 and fc7."""
+
+    def __init__(self, net: AlexNet, column: int):
+        super().__init__()
+        f, c = net.features, net.classifier
+        self.conv1, self.act1 = _column_conv(f.conv1, column), copy.deepcopy(f.act1)
+        self.lrn1, self.pool1 = _column_lrn(f.lrn1), copy.deepcopy(f.pool1)
+        self.conv2, self.act2 = _column_conv(f.conv2, column), copy.deepcopy(f.act2)
+        self.lrn2, self.pool2 = _column_lrn(f.lrn2), copy.deepcopy(f.pool2)
+        self.conv3, self.act3 = _column_conv(f.conv3, column), copy.deepcopy(f.act3)
+        self.conv4, self.act4 = _column_conv(f.conv4, column), copy.deepcopy(f.act4)
+        self.conv5, self.act5 = _column_conv(f.conv5, column), copy.deepcopy(f.act5)
+        self.pool5 = copy.deepcopy(f.pool5)
+        self.fc6, self.act6 = _column_linear(c.fc6, column), copy.deepcopy(c.act6)
+        self.drop6 = copy.deepcopy(c.drop6)
+        self.fc7, self.act7 = _column_linear(c.fc7, column), copy.deepcopy(c.act7)
+        self.drop7 = copy.deepcopy(c.drop7)
+
+    def below_conv3(self, image: torch.Tensor) -> torch.Tensor:
+        """conv1 to pool2, on this column's maps only."""
+        x = self.pool1(self.lrn1(self.act1(self.conv1(image))))
+        return self.pool2(self.lrn2(self.act2(self.conv2(x))))
+
+    def conv3_to_pool5(self, both: torch.Tensor) -> torch.Tensor:
+        """conv3 (from both columns' maps), then conv4 and conv5 on this column's maps only."""
+        x = self.act4(self.conv4(self.act3(self.conv3(both))))
+        return torch.flatten(self.pool5(self.act5(self.conv5(x))), 1)
+
+    def layer6(self, both: torch.Tensor) -> torch.Tensor:
+        return self.drop6(self.act6(self.fc6(both)))
+
+    def layer7(self, both: torch.Tensor) -> torch.Tensor:
+        return self.drop7(self.act7(self.fc7(both)))
+
+
+def _exchange(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both columns' activations, [A, B] along the channel axis, on A's device and on B's device: one copy
+    each way between the devices (none when they are the same device)."""
+    return torch.cat([a, b.to(a.device)], dim=1), torch.cat([a.to(b.device), b], dim=1)
+
+
+class TwoDeviceAlexNet(nn.Module):
+    """Section 3.2's two-GPU network: the two columns of a grouped ``AlexNet`` on two devices.
+
+    "The parallelization scheme that we employ essentially puts half of the kernels (or neurons) on each GPU,
+    with one additional trick: the GPUs communicate only in certain layers." Column A (the first half of every
+    layer's kernels and neurons in ``AlexNet``'s channel order) lives on ``devices[0]``, column B on
+    ``devices[1]``. conv1, conv2, conv4, conv5 and LRN work within a column; conv3, fc6 and fc7 take both
+    columns' outputs, so at each of them the columns copy their activations to each other (each column then
+    computes its own half of the outputs); fc8 gathers both columns' fc7 outputs on ``devices[0]``, where the
+    logits, and so the labels and the loss, are.
+
+    Built from a grouped ``AlexNet`` (``columns=2``) by splitting its parameters: with the same weights both
+    compute the same function, forward and backward; only where it runs differs. ``grouped_state_dict()``
+    gives the weights back in ``AlexNet``'s layout. Both devices may be the same (e.g. ``"cpu"``): the copies
+    between columns are then no-ops, and everything else runs as on two devices.
+
+    Lightning moves a whole module to one device; ``place()`` puts the columns back on their own devices
+    (``alexnet.devices.ColumnParallelStrategy`` calls it whenever Lightning has moved the module).
+    """
+
+    def __init__(self, net: AlexNet, devices: tuple[torch.device | str, torch.device | str] = ("cpu", "cpu")):
+        super().__init__()
+        if not isinstance(net, AlexNet) or net.features.conv2.groups != 2:
+            raise ValueError(
+                "TwoDeviceAlexNet splits the two columns of AlexNet(columns=2); got "
+                f"{type(net).__name__} with {getattr(getattr(net, 'features', None), 'conv2', None)}"
+            )
+        if len(devices) != 2:
+            raise ValueError(f"devices={devices!r}: give two devices, one per column (section 3.2)")
+        self.devices = (torch.device(devices[0]), torch.device(devices[1]))
+        self.column_a, self.column_b = _Column(net, 0), _Column(net, 1)
+        self.fc8 = copy.deepcopy(net.classifier.fc8)
+        self.place()
+
+    def place(self) -> TwoDeviceAlexNet:
+        """Column A and fc8 on ``devices[0]``, column B on ``devices[1]``."""
+        self.column_a.to(self.devices[0])
+        self.fc8.to(self.devices[0])
+        self.column_b.to(self.devices[1])
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.column_a, self.column_b
+        # Each GPU gets the whole image batch (both columns' conv1 kernels see all three colour channels).
+        xa, xb = a.below_conv3(x.to(self.devices[0])), b.below_conv3(x.to(self.devices[1]))
+        # Section 3.5: "the kernels of the third convolutional layer are connected to all kernel maps in the
+        # second layer", and "the neurons in the fully-connected layers are connected to all neurons in the
+        # previous layer": the columns exchange activations before conv3, fc6, fc7 and fc8.
+        both_a, both_b = _exchange(xa, xb)
+        xa, xb = a.conv3_to_pool5(both_a), b.conv3_to_pool5(both_b)
+        both_a, both_b = _exchange(xa, xb)
+        xa, xb = a.layer6(both_a), b.layer6(both_b)
+        both_a, both_b = _exchange(xa, xb)
+        xa, xb = a.layer7(both_a), b.layer7(both_b)
+        return self.fc8(torch.cat([xa, xb.to(self.devices[0])], dim=1))
+
+    def grouped_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in ``AlexNet``'s layout (on the CPU): ``AlexNet(columns=2, ...).load_state_dict`` takes
+        them, e.g. to evaluate a model-parallel checkpoint on one device."""
+        layers = {
+            "conv1": "features", "conv2": "features", "conv3": "features", "conv4": "features",
+            "conv5": "features", "fc6": "classifier", "fc7": "classifier",
+        }  # fmt: skip
+        state: dict[str, torch.Tensor] = {}
+        for layer, block in layers.items():
+            for kind in ("weight", "bias"):
+                halves = [
+                    getattr(getattr(col, layer), kind).detach().cpu()
+                    for col in (self.column_a, self.column_b)
+                ]
+                state[f"{block}.{layer}.{kind}"] = torch.cat(halves)
+        state["classifier.fc8.weight"] = self.fc8.weight.detach().cpu().clone()
+        state["classifier.fc8.bias"] = self.fc8.bias.detach().cpu().clone()
+        return state
 
 
 # Figure 1's network: the paper says only "a four-layer convolutional neural network" on CIFAR-10. Its

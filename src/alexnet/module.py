@@ -87,23 +87,36 @@ class AlexNetModule(L.LightningModule):
         if stage == "train":
             self.train_loss.update(loss.detach(), weight=len(labels))
         else:
-            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+            # sync_dist: under DDP the mean over every process's images (weighted by their batch sizes).
+            self.log(
+                f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True
+            )
         return loss
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = self._last_batch_end = time.perf_counter()
         self._epoch_images = 0
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, self.train_metrics, "train")
-        if not torch.isfinite(loss):
-            # Diverged: a NaN/inf step would poison every weight. Skip it and stop; train() marks the run.
+        # Diverged: a NaN/inf step would poison every weight. The step's gradients are dropped (see
+        # on_after_backward) and training stops; train() marks the run. Under DDP the processes decide
+        # together (any one's non-finite loss stops them all) and still run this step's backward: its
+        # gradient all-reduce needs every process (which is also why Lightning refuses a step skipped by
+        # returning None under DDP).
+        finite = bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            value = loss.item() if not finite else "non-finite in another DDP process"
             self.diverged = (
-                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
+                f"training loss became {value} at epoch {self.current_epoch}, step {self.global_step}"
             )
             self.trainer.should_stop = True
-            return None
         return loss
+
+    def on_after_backward(self) -> None:
+        if self.diverged:  # no gradient, no update: SGD leaves every weight (and its momentum) as it was
+            for param in self.parameters():
+                param.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
@@ -117,9 +130,8 @@ class AlexNetModule(L.LightningModule):
         images, labels = batch
         views = images if images.dim() == 5 else images.unsqueeze(1)
         centre = self(views[:, 0])
-        self.log(
-            "test/loss", self.criterion(centre, labels), on_step=False, on_epoch=True, batch_size=len(labels)
-        )
+        loss = self.criterion(centre, labels)
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
         self.test_metrics.update(centre, labels)
         if views.shape[1] > 1:
             probs = centre.softmax(dim=1)
@@ -143,8 +155,9 @@ class AlexNetModule(L.LightningModule):
     def _log_now(self, metrics: dict[str, float]) -> None:
         """Straight to the logger, not through ``self.log``: Lightning sends training-epoch metrics only after
         the epoch-end checkpoint, so a job killed in between would resume without them, a hole in the curve.
-        (Also into ``callback_metrics``, where callbacks and the progress bar look for them.)"""
-        if self.logger is not None:
+        (Also into ``callback_metrics``, where callbacks and the progress bar look for them.)
+        Under DDP only rank 0 logs: the values are already those of all processes."""
+        if self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=max(self.global_step - 1, 0))
         self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
@@ -167,7 +180,11 @@ class AlexNetModule(L.LightningModule):
         metrics = self._errors(self.train_metrics, "train")
         metrics["train/loss"] = float(self.train_loss.compute())
         self.train_loss.reset()
-        metrics["train/images_per_sec"] = self._epoch_images / max(seconds, 1e-9)
+        # Under DDP: the images of all processes in this process's time (they step together).
+        images = self.trainer.strategy.reduce(
+            torch.tensor(float(self._epoch_images), device=self.device), reduce_op="sum"
+        )
+        metrics["train/images_per_sec"] = float(images) / max(seconds, 1e-9)
         self.train_curve.append(
             (float(self.current_epoch + 1), metrics["train/top1_err"], self._train_seconds)
         )

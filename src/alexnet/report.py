@@ -60,6 +60,9 @@ _NOT_CONTEXT_KEYS = {
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
 }
+# The config's own top-level values. Other undotted params are the LightningModule's hyper-parameters, which
+# Lightning logs once training starts: copies of optimizer.* that a run that failed earlier does not have.
+_TOP_LEVEL_KEYS = {"task_name", "target_train_error", "stop_at_target", "test_after_fit"}
 # What a reader needs to tell contexts apart at a glance (the full parameter set decides).
 _CONTEXT_SUMMARY = (
     "model.arch",
@@ -201,7 +204,9 @@ def fetch_runs(client: MlflowClient, experiment_id: str, filter_string: str = ""
 def context_of(run: RunRecord, ignore: Iterable[str]) -> str:
     ignore = set(ignore) | _NOT_CONTEXT_KEYS
     values = {
-        k: v for k, v in run.params.items() if k not in ignore and not k.startswith(_NOT_CONTEXT_PREFIXES)
+        k: v
+        for k, v in run.params.items()
+        if ("." in k or k in _TOP_LEVEL_KEYS) and k not in ignore and not k.startswith(_NOT_CONTEXT_PREFIXES)
     }
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 

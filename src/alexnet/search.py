@@ -48,7 +48,7 @@ class ReportToTrial(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
             # Every process would report, and the processes could disagree about pruning.
-            raise ConfigError("An Optuna trial trains on one device; set trainer.devices=1.")
+            raise ConfigError("An Optuna trial trains in one process; use devices=one (or model_parallel).")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

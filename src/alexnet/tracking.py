@@ -133,6 +133,13 @@ def run_key(cfg: DictConfig) -> str:
     values = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_IN_RUN_KEY}
     for key in _NOT_IN_RUN_KEY_LEAVES:
         values.pop(key, None)
+    # Where the network runs (the devices group) came after the first runs. On one device a job keeps the
+    # digest it had before (trainer.devices 1, no strategy, no devices keys), so reruns still find those runs;
+    # model parallel and DDP are runs of their own (a model-parallel checkpoint has another form).
+    if values.get("devices.mode", "one") == "one":
+        for key in ("devices.mode", "devices.count", "trainer.strategy"):
+            values.pop(key, None)
+        values["trainer.devices"] = "1"
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:24]
 
 
