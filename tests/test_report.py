@@ -167,7 +167,7 @@ def test_known_numbers_give_known_deltas_intervals_and_verdicts(known_store, tmp
     assert fig1.estimate.mean == pytest.approx(5.0)
     assert (fig1.estimate.low, fig1.estimate.high) == pytest.approx((5.0, 5.0))
     assert fig1.verdict == "reproduced" and fig1.size == "no"  # ~6x lies outside [5, 5]
-    assert any("best optimizer.lr = 0.03" in note for note in fig1.notes)
+    assert any("best optimizer.lr/optimizer.min_lr = 0.03," in note for note in fig1.notes)
 
     out = tmp_path / "out"
     md = (out / "report.md").read_text()

@@ -451,10 +451,20 @@ def _ratio_row(
         target = float(best_runs[PAPER_ARM][0].params.get("target_train_error", "0.25"))
         fig = Figure1Curves(
             context=context,
-            curves={name: [_curve(client, r) for r in best_runs[name]] for name in (PAPER_ARM, claim.arm)},
+            curves={
+                _curve_label(name, best_runs[name][0], claim.tune): [
+                    _curve(client, r) for r in best_runs[name]
+                ]
+                for name in (PAPER_ARM, claim.arm)
+            },
             target=target,
         )
     return row, fig
+
+
+def _curve_label(arm: str, run: RunRecord, tune: tuple[str, ...]) -> str:
+    setting = ", ".join(f"{k.split('.')[-1]} {run.params.get(k, '-')}" for k in tune[:1])
+    return f"{arm} arm: {run.params.get('model.activation', '?')}, {setting}"
 
 
 def _curve(client: MlflowClient, run: RunRecord) -> list[tuple[int, float]]:
