@@ -307,7 +307,7 @@ def _by_context(runs: list[RunRecord], ignore: Iterable[str]) -> dict[str, list[
 def _by_seed(runs: list[RunRecord], metric: str) -> dict[int, float]:
     """One value per seed (the latest run when a seed was run twice with resume=never)."""
     values = {}
-    for run in runs:
+    for run in reversed(runs):  # fetch_runs gives MLflow's order, newest first: let the newest win
         if run.finished and metric in run.metrics and run.seed is not None:
             values[run.seed] = run.metrics[metric]
     return values
