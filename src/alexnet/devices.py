@@ -1,55 +1,172 @@
 """Where the network runs: one device, section 3.2's two-GPU split of the columns, or data parallel (DDP).
 
-The ``devices`` config group (``conf/devices/``) picks one; ``placement`` turns it into the network's form and
-the Trainer's ``devices`` and ``strategy``. None of them changes the function the network computes (that is
-``model.columns``, the paper's one-GPU vs two-GPU ablation); only where it is computed.
+The ``devices`` config group (``conf/devices/``) picks one; ``placement`` turns it into the network's form,
+its memory layout and the Trainer's ``devices`` and ``strategy``. None of them changes the function the
+network computes (that is ``model.columns``, the paper's one-GPU vs two-GPU ablation); only where and how it
+is computed.
 
 - ``one``: Lightning's single-device strategy.
-- ``model_parallel``: ``TwoDeviceAlexNet`` (model.py), column A on the first device, column B on the second,
-  trained by one process with ``ColumnParallelStrategy``, which keeps each column on its device where
-  Lightning would move the whole module to one.
-- ``ddp``: Lightning's ``ddp`` strategy. The process the user started (rank 0) launches one more process per
-  extra device by running ``src/train.py`` again with this job's overrides (Lightning's subprocess launcher).
-  Rank 0 alone owns the job's MLflow run, its lock and all logging; ``ddp_job`` hands the other processes what
-  they need from that run (the checkpoint folder, the checkpoint to resume from) through the environment that
-  Lightning copies to them, and ``handed_over`` reads it there.
+- ``model_parallel``: ``TwoDeviceAlexNet``, column A on the first device, column B on the second, trained by
+  one process with ``ColumnParallelStrategy``, which keeps each column on its device where Lightning would
+  move the whole module to one.
+- ``ddp``: Lightning's ``ddp`` strategy; how one MLflow run spans its processes is in ``alexnet.ddp``.
+
+``devices.channels_last`` (default on) stores activations as N, H, W, C: oneDNN's convolutions and the
+LRN's channel window then read memory in order (benchmarks/training_speed.md has the measured gain).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import os
-import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import read_write
 from torch import nn
 
-from alexnet.config import ConfigError, DeviceMode, DevicesConfig
-from alexnet.model import AlexNet, TwoDeviceAlexNet
+from alexnet.config import DeviceMode, DevicesConfig
+from alexnet.errors import ConfigError
+from alexnet.model import AlexNet, LocalResponseNorm
 
 log = logging.getLogger(__name__)
 
-# Set by rank 0 of a DDP job for the processes Lightning launches (see ``ddp_job``).
-HANDOFF_ENV = "ALEXNET_DDP_JOB"
-# What Lightning's launcher leaves in the launching process's environment; a sweep's next job must not see it
-# (LOCAL_RANK would make Lightning believe that someone else launched the processes, and wait for them).
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
-_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+# --- Section 3.2's two GPUs ----------------------------------------------------------------------------------
 
 
-# --- Model parallel: section 3.2's two GPUs -----------------------------------------------------------------
+def _half(tensor: torch.Tensor, column: int) -> torch.Tensor:
+    """Column ``column``'s half of a weight or bias along its output axis (``AlexNet`` orders A, then B)."""
+    half = tensor.shape[0] // 2
+    return tensor[column * half : (column + 1) * half]
+
+
+def _split(layer: nn.Module, column: int) -> nn.Module:
+    """One column's part of a layer of the grouped net: half the kernels or neurons of a conv or FC layer
+    (a grouped conv keeps only its own column's input maps; an ungrouped one, all of them), the LRN over one
+    column's maps, and a copy of anything without weights."""
+    if isinstance(layer, LocalResponseNorm):
+        return LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k, groups=1)
+    if isinstance(layer, nn.Conv2d):
+        part = nn.Conv2d(
+            layer.in_channels // layer.groups, layer.out_channels // 2, layer.kernel_size,
+            stride=layer.stride, padding=layer.padding, device=layer.weight.device, dtype=layer.weight.dtype,
+        )  # fmt: skip
+    elif isinstance(layer, nn.Linear):
+        part = nn.Linear(
+            layer.in_features, layer.out_features // 2, device=layer.weight.device, dtype=layer.weight.dtype
+        )
+    else:
+        return copy.deepcopy(layer)
+    with torch.no_grad():
+        part.weight.copy_(_half(layer.weight, column))
+        part.bias.copy_(_half(layer.bias, column))
+    return part
+
+
+def _stages(net: AlexNet) -> list[list[str]]:
+    """The grouped net's layers (all but fc8) cut where the columns exchange activations: before every
+    ungrouped conv but conv1 (conv3, where "the kernels ... are connected to all kernel maps in the second
+    layer") and before fc6 and fc7 ("connected to all neurons in the previous layer"), section 3.5."""
+    stages: list[list[str]] = [[]]
+    for name, layer in net.features.named_children():
+        if isinstance(layer, nn.Conv2d) and layer.groups == 1 and name != "conv1":
+            stages.append([])
+        stages[-1].append(name)
+    stages += [["fc6", "act6", "drop6"], ["fc7", "act7", "drop7"]]
+    return stages
+
+
+class _Column(nn.Module):
+    """One GPU's half of the two-column net: its kernels in every conv layer, its neurons in fc6 and fc7."""
+
+    def __init__(self, net: AlexNet, column: int):
+        super().__init__()
+        self.stages = _stages(net)
+        parts = {**dict(net.features.named_children()), **dict(net.classifier.named_children())}
+        self.layers = nn.ModuleDict(
+            OrderedDict((name, _split(parts[name], column)) for stage in self.stages for name in stage)
+        )
+
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        for name in self.stages[index]:
+            if name == "fc6":
+                x = torch.flatten(x, 1)
+            x = self.layers[name](x)
+        return x
+
+
+def _exchange(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both columns' activations, [A, B] along the channel axis, on A's device and on B's device: one copy
+    each way between the devices (none when they are the same device)."""
+    return torch.cat([a, b.to(a.device)], dim=1), torch.cat([a.to(b.device), b], dim=1)
+
+
+class TwoDeviceAlexNet(nn.Module):
+    """Section 3.2's two-GPU network: the two columns of a grouped ``AlexNet`` on two devices.
+
+    "The parallelization scheme that we employ essentially puts half of the kernels (or neurons) on each GPU,
+    with one additional trick: the GPUs communicate only in certain layers." Column A (the first half of every
+    layer's kernels and neurons in ``AlexNet``'s channel order) lives on ``devices[0]``, column B on
+    ``devices[1]``. At each layer that takes both columns' outputs (conv3, fc6, fc7) the columns copy their
+    activations to each other; fc8 gathers both columns' fc7 outputs on ``devices[0]``, where the logits,
+    the labels and the loss are.
+
+    Built from a grouped ``AlexNet`` (``columns=2``) by splitting its parameters: with the same weights both
+    compute the same function, forward and backward. ``grouped_state_dict()`` gives the weights back in
+    ``AlexNet``'s layout. Both devices may be the same (e.g. ``"cpu"``): the copies are then no-ops.
+    Lightning moves a whole module to one device; ``place()`` puts the columns back on their own devices
+    (``ColumnParallelStrategy`` calls it whenever Lightning has moved the module).
+    """
+
+    def __init__(self, net: AlexNet, devices: tuple[torch.device | str, torch.device | str] = ("cpu", "cpu")):
+        super().__init__()
+        if not isinstance(net, AlexNet) or net.cfg.columns != 2:
+            raise ValueError(
+                f"TwoDeviceAlexNet splits the two columns of AlexNet(columns=2); got {type(net).__name__} "
+                f"with columns={getattr(getattr(net, 'cfg', None), 'columns', None)}"
+            )
+        if len(devices) != 2:
+            raise ValueError(f"devices={devices!r}: give two devices, one per column (section 3.2)")
+        self.devices = (torch.device(devices[0]), torch.device(devices[1]))
+        self.column_a, self.column_b = _Column(net, 0), _Column(net, 1)
+        self.fc8 = copy.deepcopy(net.classifier.fc8)
+        self.place()
+
+    def place(self) -> TwoDeviceAlexNet:
+        """Column A and fc8 on ``devices[0]``, column B on ``devices[1]``."""
+        self.column_a.to(self.devices[0])
+        self.fc8.to(self.devices[0])
+        self.column_b.to(self.devices[1])
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.column_a, self.column_b
+        # Each GPU gets the whole image batch (both columns' conv1 kernels see all three colour channels).
+        xa, xb = a.stage(0, x.to(self.devices[0])), b.stage(0, x.to(self.devices[1]))
+        for index in range(1, len(a.stages)):
+            both_a, both_b = _exchange(xa, xb)
+            xa, xb = a.stage(index, both_a), b.stage(index, both_b)
+        return self.fc8(torch.cat([xa, xb.to(self.devices[0])], dim=1))
+
+    def grouped_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in ``AlexNet``'s layout (on the CPU): ``AlexNet(columns=2, ...).load_state_dict`` takes
+        them, e.g. to evaluate a model-parallel checkpoint on one device."""
+        state: dict[str, torch.Tensor] = {}
+        for name, layer in self.column_a.layers.items():
+            if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+                continue
+            block = "classifier" if name.startswith("fc") else "features"
+            for kind in ("weight", "bias"):
+                halves = [getattr(col.layers[name], kind).detach().cpu() for col in (self.column_a, self.column_b)]
+                state[f"{block}.{name}.{kind}"] = torch.cat(halves)
+        state["classifier.fc8.weight"] = self.fc8.weight.detach().cpu().clone()
+        state["classifier.fc8.bias"] = self.fc8.bias.detach().cpu().clone()
+        return state
 
 
 def column_devices(accelerator: str) -> tuple[torch.device, torch.device]:
@@ -79,10 +196,6 @@ def column_devices(accelerator: str) -> tuple[torch.device, torch.device]:
     )
 
 
-def _two_device_nets(module: nn.Module) -> list[TwoDeviceAlexNet]:
-    return [m for m in module.modules() if isinstance(m, TwoDeviceAlexNet)]
-
-
 def keep_state_with_parameters(optimizer: torch.optim.Optimizer) -> None:
     """Each parameter's optimizer state (momentum) on that parameter's device."""
     for group in optimizer.param_groups:
@@ -106,7 +219,7 @@ class ColumnParallelStrategy(SingleDeviceStrategy):
 
     def model_to_device(self) -> None:
         super().model_to_device()
-        for net in _two_device_nets(self.model):
+        for net in (m for m in self.model.modules() if isinstance(m, TwoDeviceAlexNet)):
             net.place()
 
     def setup(self, trainer: Trainer) -> None:
@@ -125,146 +238,28 @@ class ColumnParallelStrategy(SingleDeviceStrategy):
 
 @dataclass
 class Placement:
-    """What the ``devices`` group means for one job: the Trainer's arguments, and the devices of the two
-    columns when the network is split (``None`` otherwise)."""
+    """What the ``devices`` group means for one job: the Trainer's arguments, the devices of the two columns
+    when the network is split (``None`` otherwise), and the memory layout."""
 
     trainer_args: dict[str, Any]
     columns: tuple[torch.device, torch.device] | None = None
+    channels_last: bool = False
 
     def network(self, net: nn.Module) -> nn.Module:
-        """``net`` in the form that runs here: split over the column devices for model parallel."""
-        if self.columns is None:
-            return net
-        assert isinstance(net, AlexNet)  # check_config allows model_parallel only for the two-column AlexNet
-        return TwoDeviceAlexNet(net, self.columns)
+        """``net`` in the form and layout that run here."""
+        if self.columns is not None:
+            assert isinstance(net, AlexNet)  # check_config allows model_parallel only for two-column AlexNet
+            net = TwoDeviceAlexNet(net, self.columns)
+        # Convolution weights in channels_last make every conv (and so every map after it) channels_last.
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
 
 def placement(devices: DevicesConfig, accelerator: str) -> Placement:
+    layout = devices.channels_last
     if devices.mode is DeviceMode.model_parallel:
         columns = column_devices(accelerator)
-        return Placement({"devices": 1, "strategy": ColumnParallelStrategy(device=columns[0])}, columns)
+        return Placement({"devices": 1, "strategy": ColumnParallelStrategy(device=columns[0])}, columns, layout)
     if devices.mode is DeviceMode.ddp:
         # Lightning picks the process group's backend from the accelerator: gloo on CPUs, nccl on GPUs.
-        return Placement({"devices": devices.count, "strategy": "ddp"})
-    return Placement({"devices": 1, "strategy": "auto"})
-
-
-# --- Data parallel: one MLflow run, however many processes --------------------------------------------------
-
-
-def rank() -> int:
-    """This process's rank, known before any Trainer exists: Lightning reads it from the environment its
-    launcher sets for the processes it starts (LOCAL_RANK); 0 in the process the user started."""
-    return rank_zero_only.rank
-
-
-@dataclass
-class JobFiles:
-    """What the other processes of a DDP job need from rank 0's MLflow run."""
-
-    checkpoint_dir: Path
-    resume_from: Path | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "checkpoint_dir": str(self.checkpoint_dir),
-                "resume_from": self.resume_from and str(self.resume_from),
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> JobFiles:
-        values = json.loads(text)
-        resume = values["resume_from"]
-        return cls(Path(values["checkpoint_dir"]), Path(resume) if resume else None)
-
-
-def handed_over() -> JobFiles:
-    """In a process that Lightning launched for a DDP job: the job's files, from rank 0."""
-    text = os.environ.get(HANDOFF_ENV)
-    if text is None:
-        raise RuntimeError(
-            f"This process has rank {rank()} but no {HANDOFF_ENV} in its environment: it was not started "
-            "by a devices=ddp job of src/train.py. Start DDP jobs as `python src/train.py devices=ddp "
-            "devices.count=N` and let Lightning launch the other processes (torchrun and SLURM launching "
-            "are not supported)."
-        )
-    return JobFiles.from_json(text)
-
-
-def check_launcher(devices: DevicesConfig) -> None:
-    """Lightning starts a DDP job's other processes by running ``src/train.py`` again; inside a joblib worker
-    there is no such command line. Stop before anything is tracked."""
-    if devices.processes == 1 or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    launcher = HydraConfig.get().launcher.get("_target_")
-    if launcher != _BASIC_LAUNCHER:
-        raise ConfigError(
-            f"devices=ddp in a sweep needs Hydra's basic launcher (one job after another), not {launcher}: "
-            "each DDP job launches its own processes, one per device. Drop hydra/launcher=... for this sweep."
-        )
-
-
-def _single_run_argv(argv: list[str], hydra_overrides: list[str], task_overrides: list[str]) -> list[str]:
-    """The command line that runs one job of a sweep on its own: the script, the config flags (-cp, -cn,
-    -cd), the job's Hydra overrides without the sweep's, and the job's own overrides; no -m."""
-    kept, flags = [argv[0]], ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
-    args = iter(argv[1:])
-    for arg in args:
-        if arg in flags:
-            kept += [arg, next(args, "")]
-        elif arg.startswith(tuple(f"{flag}=" for flag in flags if flag.startswith("--"))):
-            kept.append(arg)
-    sweep_only = (
-        "hydra.mode",
-        "hydra.sweep",
-        "hydra.launcher",
-        "hydra/launcher",
-        "hydra.sweeper",
-        "hydra/sweeper",
-    )
-    kept += [o for o in hydra_overrides if not o.lstrip("+~").startswith(sweep_only)]
-    return kept + task_overrides
-
-
-@contextmanager
-def ddp_job(devices: DevicesConfig, files: JobFiles) -> Iterator[None]:
-    """Around the fit and test of a DDP job in the process that launches the others (rank 0).
-
-    - ``HANDOFF_ENV`` tells them the job's files (Lightning copies this environment to them).
-    - In a sweep (``-m``), Lightning would relaunch ``sys.argv``, i.e. the whole sweep, in a single-run
-      folder: for the duration of the job both say this job instead (``_single_run_argv``, the job's folder).
-    - Afterwards the process is left as before, so the sweep's next job starts its own processes: the process
-      group is destroyed, and the launcher's environment variables and thread count are restored.
-    """
-    if devices.processes == 1:
-        yield
-        return
-    saved_env = {key: os.environ.get(key) for key in (*_LAUNCHER_ENV, HANDOFF_ENV)}
-    saved_argv, threads = list(sys.argv), torch.get_num_threads()
-    hydra_cfg = HydraConfig.get()
-    sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    saved_run_dir = hydra_cfg.run.dir if sweep else None
-    os.environ[HANDOFF_ENV] = files.to_json()
-    try:
-        if sweep:
-            sys.argv = _single_run_argv(
-                sys.argv, list(hydra_cfg.overrides.hydra), list(hydra_cfg.overrides.task)
-            )
-            with read_write(hydra_cfg):
-                hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # where the other ranks' Hydra logs go
-        yield
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        sys.argv = saved_argv
-        torch.set_num_threads(threads)
-        if sweep:
-            with read_write(hydra_cfg):
-                hydra_cfg.run.dir = saved_run_dir
+        return Placement({"devices": devices.count, "strategy": "ddp"}, channels_last=layout)
+    return Placement({"devices": 1, "strategy": "auto"}, channels_last=layout)

@@ -1,27 +1,97 @@
 """The network of Krizhevsky, Sutskever & Hinton (NIPS 2012), with the switches an ablation flips.
 
-Section numbers below refer to the paper. The default arguments build the paper's network: 227x227 input,
-two columns, ReLU, local response normalization after conv1 and conv2, overlapping 3x3/2 max-pooling,
-dropout 0.5 in fc6 and fc7. With ``num_classes=1000`` it has exactly 60,965,224 parameters.
+``ModelConfig`` is the one place where each switch, its allowed values and its default (the paper's) are
+written; ``conf/model/*.yaml``, the config check and the networks below all take them from there. Section
+numbers refer to the paper. The defaults build the paper's network: 227x227 input, two columns, ReLU, local
+response normalization after conv1 and conv2, overlapping 3x3/2 max-pooling, dropout 0.5 in fc6 and fc7.
+With ``num_classes=1000`` it has exactly 60,965,224 parameters.
 
-``input_size=32`` builds the CIFAR-sized variant, which differs from the 227 network only in its first
-layer and in the size of the maps it produces (see ``AlexNet`` and the README's table).
+``input_size=32`` builds the CIFAR-sized variant, which differs from the 227 network only in its first layer
+and in the size of the maps it produces (see ``AlexNet`` and docs/switches.md).
 """
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
-from typing import Literal
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
 
-Arch = Literal["alexnet", "figure1_cnn"]
-Activation = Literal["relu", "tanh", "sigmoid"]
-Pool = Literal["overlapping", "non_overlapping"]
-PoolType = Literal["max", "avg"]
-Init = Literal["paper", "kaiming"]
+from alexnet.errors import require
+from alexnet.seeding import generator
+
+
+class Arch(str, Enum):
+    alexnet = "alexnet"
+    figure1_cnn = "figure1_cnn"  # Figure 1's four-layer CIFAR-10 net
+
+
+class Activation(str, Enum):
+    relu = "relu"
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+
+
+class Pool(str, Enum):
+    overlapping = "overlapping"  # 3x3, stride 2 (section 3.4)
+    non_overlapping = "non_overlapping"  # 2x2, stride 2: "output of equivalent dimensions"
+
+
+class PoolType(str, Enum):
+    max = "max"
+    avg = "avg"  # LeNet-5's choice
+
+
+class Init(str, Enum):
+    paper = "paper"  # N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7 (section 5)
+    kaiming = "kaiming"  # He-normal with the activation's gain, zero biases
+
+
+class MiddleConv(str, Enum):
+    """Section 6: "removing any of the middle convolutional layers results in a loss of about 2%"."""
+
+    conv3 = "conv3"
+    conv4 = "conv4"
+    conv5 = "conv5"
+
+
+@dataclass
+class ModelConfig:
+    """Every switch of the network (config group ``conf/model/``), with the paper's value as its default."""
+
+    arch: Arch = Arch.alexnet
+    num_classes: int = 1000
+    input_size: int = 227  # 227: the paper's net (section 3.5); 32: the CIFAR-sized net (5x5/1 conv1)
+    activation: Activation = Activation.relu  # after every conv and hidden FC layer (section 3.1)
+    pool: Pool = Pool.overlapping  # section 3.4
+    pool_type: PoolType = PoolType.max
+    lrn: bool = True  # after the activation of conv1 and conv2 (section 3.3)
+    dropout: float = 0.5  # the outputs of fc6 and fc7 (section 4.2); 0 turns it off
+    columns: int = 2  # 2: the two-column net; 1: the one-GPU net of section 3.2, footnote 2
+    removed_conv: MiddleConv | None = None  # section 6's depth claim: the net without one middle layer
+    init: Init = Init.kaiming
+    width: float = 1.0  # multiplier for every conv and FC width, for nets that fit a laptop
+
+    def __post_init__(self) -> None:
+        for key, kind in (("arch", Arch), ("activation", Activation), ("pool", Pool),
+                          ("pool_type", PoolType), ("init", Init)):  # fmt: skip
+            setattr(self, key, kind(getattr(self, key)))  # plain strings from Python callers
+        if self.removed_conv is not None:
+            self.removed_conv = MiddleConv(self.removed_conv)
+        require(self.num_classes >= 2, "model.num_classes", self.num_classes, "need at least 2 classes")
+        require(self.input_size in STEMS, "model.input_size", self.input_size, "use 227 or 32")
+        require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
+        require(self.columns in (1, 2), "model.columns", self.columns, "1 (one-GPU net) or 2 (two-column net)")
+        require(0.0 < self.width <= 4.0, "model.width", self.width, "a multiplier in (0, 4]")
+        if self.arch is Arch.figure1_cnn:
+            why = "Figure 1's four-layer net (model.arch=figure1_cnn) is one-column, 32x32, no dropout"
+            require(self.input_size == 32, "model.input_size", self.input_size, why)
+            require(self.columns == 1, "model.columns", self.columns, why)
+            require(self.dropout == 0.0, "model.dropout", self.dropout, why)
+            require(self.removed_conv is None, "model.removed_conv", self.removed_conv, why)
+
 
 # Section 3.3: "k = 2, n = 5, alpha = 1e-4, and beta = 0.75".
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
@@ -37,48 +107,62 @@ ONE_COLUMN_CONV_CHANNELS = (48, 128, 192, 192, 256)
 # stride of 4 on a 32-pixel image would leave 8x8 maps before the first pooling.
 STEMS = {227: (11, 4, 0), 32: (5, 1, 2)}
 
+# Elements per temporary in the LRN's CPU passes: 2 MB of fp32, so that a chunk's passes run in cache.
+_LRN_CHUNK = 1 << 19
+
 
 class _LRNFunction(torch.autograd.Function):
-    """Cross-channel LRN with a hand-written backward pass.
+    """Cross-channel LRN with a hand-written backward pass, on channels-last rows.
 
     Why not ``torch.nn.LocalResponseNorm``: it builds the window sum from pad + avg_pool3d and lets autograd
-    differentiate every intermediate, which halves the training speed of the 32x32 net on a 2-core CPU
-    (benchmarks/lrn_speed.py). Here the forward saves the input and two maps and the backward is the
-    closed form of the derivative:
+    differentiate every intermediate, which halves the training speed of the 32x32 net on a CPU. Here the
+    input is viewed as rows of one pixel's channels of one column (free for a channels_last tensor), the
+    window sum over neighbouring channels is one matrix product with a banded 0/1 matrix, and the backward
+    is the closed form of the derivative:
 
         y_i = x_i * d_i^-beta,   d_i = k + alpha * sum_{j in W(i)} x_j^2
         dL/dx_i = g_i * d_i^-beta - 2 * alpha * beta * x_i * sum_{j in W(i)} g_j * y_j / d_j
 
-    (the window W is symmetric, so "i in W(j)" and "j in W(i)" are the same set).
+    (the window W is symmetric, so "i in W(j)" and "j in W(i)" are the same set). On the CPU the rows are
+    processed in chunks whose temporaries stay in cache: every pass over a whole 128-image batch would go
+    to memory, and those passes, not the arithmetic, are what LRN costs (benchmarks/training_speed.py).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
-        d = _window_sum(x * x, size, groups).mul_(alpha).add_(k)
-        # d^-beta as exp(-beta * log d): same value, about 3x faster than Tensor.pow on the CPU.
-        scale = d.log().mul_(-beta).exp_()
-        ctx.save_for_backward(x, d, scale)
-        ctx.hyper = (size, alpha, beta, groups)
-        return x * scale
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c // groups)  # a view when x is channels_last
+        offsets = torch.arange(c // groups, device=x.device)
+        band = ((offsets[:, None] - offsets[None, :]).abs() <= size // 2).to(x.dtype)
+        d, scale, y = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+        k_row = rows.new_full((1,), k)
+        chunk = max(1, _LRN_CHUNK // rows.shape[1]) if x.device.type == "cpu" else len(rows)
+        for s in range(0, len(rows), chunk):
+            part = slice(s, s + chunk)
+            torch.addmm(k_row, rows[part] * rows[part], band, alpha=alpha, out=d[part])
+            if beta == LRN_BETA:  # d^-3/4 as d^-1/2 * d^-1/4: two square roots, far cheaper than pow
+                torch.rsqrt(d[part], out=scale[part])
+                scale[part].mul_(scale[part].sqrt())
+            else:
+                torch.pow(d[part], -beta, out=scale[part])
+            torch.mul(rows[part], scale[part], out=y[part])
+        ctx.save_for_backward(rows, d, scale, y, band)
+        ctx.meta = (n, h, w, c, -2.0 * alpha * beta, chunk)
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, d, scale = ctx.saved_tensors
-        size, alpha, beta, groups = ctx.hyper
-        t = (grad * x).mul_(scale).div_(d)  # g_j * y_j / d_j, with y = x * scale
-        grad_x = _window_sum(t, size, groups).mul_(x).mul_(-2.0 * alpha * beta).addcmul_(grad, scale)
-        return grad_x, None, None, None, None, None
-
-
-def _window_sum(x: torch.Tensor, size: int, groups: int) -> torch.Tensor:
-    """Sum over the ``size`` channels centred on each channel, clipped at the edges of each group."""
-    n, c, h, w = x.shape
-    xg = x.reshape(n, groups, c // groups, h, w)
-    out = xg.clone()
-    for shift in range(1, size // 2 + 1):
-        out[:, :, shift:] += xg[:, :, :-shift]
-        out[:, :, :-shift] += xg[:, :, shift:]
-    return out.view(n, c, h, w)
+        rows, d, scale, y, band = ctx.saved_tensors
+        n, h, w, c, factor, chunk = ctx.meta
+        g = grad.permute(0, 2, 3, 1).reshape(rows.shape)
+        grad_x = torch.empty_like(rows)
+        band = band * factor
+        for s in range(0, len(rows), chunk):
+            part = slice(s, s + chunk)
+            t = (g[part] * y[part]).div_(d[part])  # g_j * y_j / d_j
+            torch.mm(t, band, out=grad_x[part])
+            grad_x[part].mul_(rows[part]).addcmul_(g[part], scale[part])
+        return grad_x.view(n, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
 
 
 class LocalResponseNorm(nn.Module):
@@ -89,19 +173,12 @@ class LocalResponseNorm(nn.Module):
     since the columns exchange activations only at conv3 and the FC layers (section 3.2).
     """
 
-    def __init__(
-        self,
-        size: int = LRN_SIZE,
-        alpha: float = LRN_ALPHA,
-        beta: float = LRN_BETA,
-        k: float = LRN_K,
-        groups: int = 1,
-    ):
+    def __init__(self, size=LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K, groups: int = 1):
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32 under fp16/bf16 autocast: x^2 overflows fp16 above 256; bf16 is too coarse for log/exp.
+        # In float32 under fp16/bf16 autocast: x^2 overflows fp16 above 256; bf16 is too coarse for d^-beta.
         a = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         return _LRNFunction.apply(a, self.size, self.alpha, self.beta, self.k, self.groups).to(x.dtype)
 
@@ -110,17 +187,17 @@ class LocalResponseNorm(nn.Module):
 
 
 def _activation(name: Activation) -> nn.Module:
-    return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[name]()
+    return {Activation.relu: nn.ReLU, Activation.tanh: nn.Tanh, Activation.sigmoid: nn.Sigmoid}[name]()
 
 
-def _pool(pool: Pool, pool_type: PoolType) -> nn.Module:
+def _pool(cfg: ModelConfig) -> nn.Module:
     # Section 3.4: overlapping pooling is z=3, s=2; the comparison is z=2, s=2, "which produces output of
     # equivalent dimensions". ceil_mode follows cuda-convnet/Caffe: on the 227 net's odd map sizes
     # (55, 27, 13) it changes nothing, and on the 32 net it makes 3/2 give the same 16/8/4 maps as 2/2.
-    kernel, ceil = (3, True) if pool == "overlapping" else (2, False)
-    if pool_type == "max":
+    kernel, ceil = (3, True) if cfg.pool is Pool.overlapping else (2, False)
+    if cfg.pool_type is PoolType.max:
         return nn.MaxPool2d(kernel, stride=2, ceil_mode=ceil)
-    # LeNet-5's choice. Windows that hang over the edge (ceil_mode) average only the real pixels.
+    # Windows that hang over the edge (ceil_mode) average only the real pixels.
     return nn.AvgPool2d(kernel, stride=2, ceil_mode=ceil, count_include_pad=False)
 
 
@@ -129,83 +206,67 @@ def _scaled(channels: int, width: float, columns: int) -> int:
     return max(columns, round(channels * width / columns) * columns)
 
 
-class AlexNet(nn.Module):
-    """AlexNet, section 3 of the paper.
+def _config(cfg: ModelConfig | None, switches: dict) -> ModelConfig:
+    if cfg is not None and switches:
+        raise TypeError("give a ModelConfig or keyword switches, not both")
+    return cfg if cfg is not None else ModelConfig(**switches)
 
-    Args:
-        num_classes: outputs of fc8.
-        input_size: 227 (the paper's network) or 32 (CIFAR-sized: conv1 is 5x5 stride 1 instead of 11x11
-            stride 4, so the maps are 32/16/8/4 instead of 55/27/13/6; every other layer is the same).
-        activation: non-linearity after every conv and hidden FC layer (section 3.1).
-        pool: ``overlapping`` 3x3 stride 2, or ``non_overlapping`` 2x2 stride 2 (section 3.4).
-        pool_type: ``max`` (the paper) or ``avg``.
-        lrn: local response normalization after the activation of conv1 and conv2 (section 3.3).
-        dropout: drop probability for the outputs of fc6 and fc7 (section 4.2); 0 turns it off.
-        columns: 2 = the two-column net (conv2, conv4, conv5 see only their own column's maps; conv3 and
-            the FC layers see both); 1 = the paper's one-GPU comparison net (section 3.2, footnote 2).
-        init: ``paper`` = N(0, 0.01) weights, biases 1 in conv2, conv4, conv5, fc6, fc7 and 0 elsewhere
-            (section 5); ``kaiming`` = He-normal weights with the activation's gain, zero biases.
-        width: multiplier for every conv and FC width (1.0 = the paper's), for nets that fit a laptop.
+
+class AlexNet(nn.Module):
+    """AlexNet, section 3 of the paper: ``AlexNet(ModelConfig(...))`` or ``AlexNet(width=0.5, ...)``.
+
+    Columns: with ``columns=2``, conv2, conv4 and conv5 see only their own column's maps (grouped
+    convolutions, channel order column A then column B throughout); conv3 and the FC layers see both.
+    ``removed_conv`` drops one middle layer; the layers after it keep their kernels and grouping and take
+    the maps of the layer before it (one fewer crossing of the columns when it is conv3).
+    ``seed`` fixes the initial weights, layer by layer (alexnet.seeding); without one they are drawn from
+    the global generator.
     """
 
-    def __init__(
-        self,
-        num_classes: int = 1000,
-        input_size: int = 227,
-        activation: Activation = "relu",
-        pool: Pool = "overlapping",
-        pool_type: PoolType = "max",
-        lrn: bool = True,
-        dropout: float = 0.5,
-        columns: int = 2,
-        init: Init = "kaiming",
-        width: float = 1.0,
-    ):
+    def __init__(self, cfg: ModelConfig | None = None, *, seed: int | None = None, **switches):
         super().__init__()
-        if input_size not in STEMS:
-            raise ValueError(f"input_size={input_size} is not supported; use one of {sorted(STEMS)}")
-        if columns not in (1, 2):
-            raise ValueError(f"columns={columns} is not supported; use 1 or 2")
-        self.activation, self.init = activation, init
-        base = PAPER_CONV_CHANNELS if columns == 2 else ONE_COLUMN_CONV_CHANNELS
-        c1, c2, c3, c4, c5 = (_scaled(c, width, columns) for c in base)
-        fc = _scaled(PAPER_FC_UNITS, width, columns)
-        kernel, stride, padding = STEMS[input_size]
-        # Both columns' conv1 kernels see the whole image, so one conv with c1 kernels is exactly the
-        # two 48-kernel halves side by side; channel order is column A then column B throughout.
-        g = columns
-        self.features = nn.Sequential(
-            OrderedDict(
-                conv1=nn.Conv2d(3, c1, kernel, stride=stride, padding=padding),
-                act1=_activation(activation),
-                lrn1=LocalResponseNorm(groups=g) if lrn else nn.Identity(),
-                pool1=_pool(pool, pool_type),
-                conv2=nn.Conv2d(c1, c2, 5, padding=2, groups=g),
-                act2=_activation(activation),
-                lrn2=LocalResponseNorm(groups=g) if lrn else nn.Identity(),
-                pool2=_pool(pool, pool_type),
-                conv3=nn.Conv2d(c2, c3, 3, padding=1),  # the columns cross here
-                act3=_activation(activation),
-                conv4=nn.Conv2d(c3, c4, 3, padding=1, groups=g),
-                act4=_activation(activation),
-                conv5=nn.Conv2d(c4, c5, 3, padding=1, groups=g),
-                act5=_activation(activation),
-                pool5=_pool(pool, pool_type),
-            )
+        cfg = self.cfg = _config(cfg, switches)
+        require(cfg.arch is Arch.alexnet, "model.arch", cfg.arch.value, "AlexNet builds model.arch=alexnet")
+        base = PAPER_CONV_CHANNELS if cfg.columns == 2 else ONE_COLUMN_CONV_CHANNELS
+        c1, c2, c3, c4, c5 = (_scaled(c, cfg.width, cfg.columns) for c in base)
+        fc = _scaled(PAPER_FC_UNITS, cfg.width, cfg.columns)
+        kernel, stride, padding = STEMS[cfg.input_size]
+        g = cfg.columns
+        layers = OrderedDict(
+            # Both columns' conv1 kernels see the whole image: one conv with c1 kernels is exactly the two
+            # halves side by side.
+            conv1=nn.Conv2d(3, c1, kernel, stride=stride, padding=padding),
+            act1=_activation(cfg.activation),
+            lrn1=LocalResponseNorm(groups=g) if cfg.lrn else nn.Identity(),
+            pool1=_pool(cfg),
+            conv2=nn.Conv2d(c1, c2, 5, padding=2, groups=g),
+            act2=_activation(cfg.activation),
+            lrn2=LocalResponseNorm(groups=g) if cfg.lrn else nn.Identity(),
+            pool2=_pool(cfg),
         )
-        side = self.feature_side(input_size)
+        maps = c2
+        middle = (("conv3", c3, 1), ("conv4", c4, g), ("conv5", c5, g))  # conv3: the columns cross here
+        for index, (name, out, groups) in enumerate(middle, start=3):
+            if cfg.removed_conv is not None and name == cfg.removed_conv.value:
+                continue
+            layers[name] = nn.Conv2d(maps, out, 3, padding=1, groups=groups)
+            layers[f"act{index}"] = _activation(cfg.activation)
+            maps = out
+        layers["pool5"] = _pool(cfg)
+        self.features = nn.Sequential(layers)
+        side = self.feature_side(cfg.input_size)
         self.classifier = nn.Sequential(
             OrderedDict(
-                fc6=nn.Linear(c5 * side * side, fc),
-                act6=_activation(activation),
-                drop6=nn.Dropout(dropout),
+                fc6=nn.Linear(maps * side * side, fc),
+                act6=_activation(cfg.activation),
+                drop6=nn.Dropout(cfg.dropout),
                 fc7=nn.Linear(fc, fc),
-                act7=_activation(activation),
-                drop7=nn.Dropout(dropout),
-                fc8=nn.Linear(fc, num_classes),
+                act7=_activation(cfg.activation),
+                drop7=nn.Dropout(cfg.dropout),
+                fc8=nn.Linear(fc, cfg.num_classes),
             )
         )
-        self.reset_parameters()
+        initialize(self, cfg, seed)
 
     @staticmethod
     def feature_side(input_size: int) -> int:
@@ -216,180 +277,33 @@ class AlexNet(nn.Module):
             side //= 2  # ceil((s - 3) / 2) + 1 for 3/2 with ceil_mode, floor(s / 2) for 2/2: both s // 2
         return side
 
-    def reset_parameters(self) -> None:
-        layers = {name: m for name, m in self.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-        for name, layer in layers.items():
-            short = name.split(".")[-1]
-            if self.init == "paper":
-                # Section 5: "zero-mean Gaussian distribution with standard deviation 0.01", neuron biases
-                # of conv2, conv4, conv5 and the hidden FC layers set to 1 "to accelerate the early stages".
-                nn.init.normal_(layer.weight, 0.0, 0.01)
-                nn.init.constant_(
-                    layer.bias, 1.0 if short in {"conv2", "conv4", "conv5", "fc6", "fc7"} else 0.0
-                )
-            else:
-                nonlinearity = "linear" if short == "fc8" else self.activation
-                nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)
-                nn.init.zeros_(layer.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def _column_slice(tensor: torch.Tensor, column: int) -> torch.Tensor:
-    """Column ``column``'s half of a weight or bias along its output axis (``AlexNet`` orders A, then B)."""
-    half = tensor.shape[0] // 2
-    return tensor[column * half : (column + 1) * half]
+# Section 5: biases of 1 "in the second, fourth, and fifth convolutional layers, as well as in the
+# fully-connected hidden layers", "to accelerate the early stages of learning".
+_PAPER_UNIT_BIASES = {"conv2", "conv4", "conv5", "fc6", "fc7"}
 
 
-def _column_conv(conv: nn.Conv2d, column: int) -> nn.Conv2d:
-    """One column's kernels of ``conv``. A grouped conv (conv2, conv4, conv5) keeps only its own column's
-    input maps; an ungrouped one (conv1 on the image, conv3 where the columns cross) keeps all of them."""
-    if conv.groups not in (1, 2):
-        raise ValueError(f"{conv} has {conv.groups} groups; a two-column net has 1 or 2")
-    inputs = conv.in_channels // conv.groups
-    half = nn.Conv2d(
-        inputs, conv.out_channels // 2, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        device=conv.weight.device, dtype=conv.weight.dtype,
-    )  # fmt: skip
-    with torch.no_grad():
-        half.weight.copy_(_column_slice(conv.weight, column))
-        half.bias.copy_(_column_slice(conv.bias, column))
-    return half
-
-
-def _column_linear(fc: nn.Linear, column: int) -> nn.Linear:
-    """One column's neurons of a fully-connected layer: half the outputs, from all inputs (section 3.5)."""
-    half = nn.Linear(fc.in_features, fc.out_features // 2, device=fc.weight.device, dtype=fc.weight.dtype)
-    with torch.no_grad():
-        half.weight.copy_(_column_slice(fc.weight, column))
-        half.bias.copy_(_column_slice(fc.bias, column))
-    return half
-
-
-def _column_lrn(lrn: nn.Module) -> nn.Module:
-    """LRN over one column's maps: the grouped layer's sum, which never crosses columns, on one column."""
-    if isinstance(lrn, LocalResponseNorm):
-        return LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k, groups=1)
-    return nn.Identity()
-
-
-class _Column(nn.Module):
-    """One GPU's half of the two-column net: its kernels in every conv layer, its neurons in fc6 and fc7."""
-
-    def __init__(self, net: AlexNet, column: int):
-        super().__init__()
-        f, c = net.features, net.classifier
-        self.conv1, self.act1 = _column_conv(f.conv1, column), copy.deepcopy(f.act1)
-        self.lrn1, self.pool1 = _column_lrn(f.lrn1), copy.deepcopy(f.pool1)
-        self.conv2, self.act2 = _column_conv(f.conv2, column), copy.deepcopy(f.act2)
-        self.lrn2, self.pool2 = _column_lrn(f.lrn2), copy.deepcopy(f.pool2)
-        self.conv3, self.act3 = _column_conv(f.conv3, column), copy.deepcopy(f.act3)
-        self.conv4, self.act4 = _column_conv(f.conv4, column), copy.deepcopy(f.act4)
-        self.conv5, self.act5 = _column_conv(f.conv5, column), copy.deepcopy(f.act5)
-        self.pool5 = copy.deepcopy(f.pool5)
-        self.fc6, self.act6 = _column_linear(c.fc6, column), copy.deepcopy(c.act6)
-        self.drop6 = copy.deepcopy(c.drop6)
-        self.fc7, self.act7 = _column_linear(c.fc7, column), copy.deepcopy(c.act7)
-        self.drop7 = copy.deepcopy(c.drop7)
-
-    def below_conv3(self, image: torch.Tensor) -> torch.Tensor:
-        """conv1 to pool2, on this column's maps only."""
-        x = self.pool1(self.lrn1(self.act1(self.conv1(image))))
-        return self.pool2(self.lrn2(self.act2(self.conv2(x))))
-
-    def conv3_to_pool5(self, both: torch.Tensor) -> torch.Tensor:
-        """conv3 (from both columns' maps), then conv4 and conv5 on this column's maps only."""
-        x = self.act4(self.conv4(self.act3(self.conv3(both))))
-        return torch.flatten(self.pool5(self.act5(self.conv5(x))), 1)
-
-    def layer6(self, both: torch.Tensor) -> torch.Tensor:
-        return self.drop6(self.act6(self.fc6(both)))
-
-    def layer7(self, both: torch.Tensor) -> torch.Tensor:
-        return self.drop7(self.act7(self.fc7(both)))
-
-
-def _exchange(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both columns' activations, [A, B] along the channel axis, on A's device and on B's device: one copy
-    each way between the devices (none when they are the same device)."""
-    return torch.cat([a, b.to(a.device)], dim=1), torch.cat([a.to(b.device), b], dim=1)
-
-
-class TwoDeviceAlexNet(nn.Module):
-    """Section 3.2's two-GPU network: the two columns of a grouped ``AlexNet`` on two devices.
-
-    "The parallelization scheme that we employ essentially puts half of the kernels (or neurons) on each GPU,
-    with one additional trick: the GPUs communicate only in certain layers." Column A (the first half of every
-    layer's kernels and neurons in ``AlexNet``'s channel order) lives on ``devices[0]``, column B on
-    ``devices[1]``. conv1, conv2, conv4, conv5 and LRN work within a column; conv3, fc6 and fc7 take both
-    columns' outputs, so at each of them the columns copy their activations to each other (each column then
-    computes its own half of the outputs); fc8 gathers both columns' fc7 outputs on ``devices[0]``, where the
-    logits, and so the labels and the loss, are.
-
-    Built from a grouped ``AlexNet`` (``columns=2``) by splitting its parameters: with the same weights both
-    compute the same function, forward and backward; only where it runs differs. ``grouped_state_dict()``
-    gives the weights back in ``AlexNet``'s layout. Both devices may be the same (e.g. ``"cpu"``): the copies
-    between columns are then no-ops, and everything else runs as on two devices.
-
-    Lightning moves a whole module to one device; ``place()`` puts the columns back on their own devices
-    (``alexnet.devices.ColumnParallelStrategy`` calls it whenever Lightning has moved the module).
-    """
-
-    def __init__(self, net: AlexNet, devices: tuple[torch.device | str, torch.device | str] = ("cpu", "cpu")):
-        super().__init__()
-        if not isinstance(net, AlexNet) or net.features.conv2.groups != 2:
-            raise ValueError(
-                "TwoDeviceAlexNet splits the two columns of AlexNet(columns=2); got "
-                f"{type(net).__name__} with {getattr(getattr(net, 'features', None), 'conv2', None)}"
-            )
-        if len(devices) != 2:
-            raise ValueError(f"devices={devices!r}: give two devices, one per column (section 3.2)")
-        self.devices = (torch.device(devices[0]), torch.device(devices[1]))
-        self.column_a, self.column_b = _Column(net, 0), _Column(net, 1)
-        self.fc8 = copy.deepcopy(net.classifier.fc8)
-        self.place()
-
-    def place(self) -> TwoDeviceAlexNet:
-        """Column A and fc8 on ``devices[0]``, column B on ``devices[1]``."""
-        self.column_a.to(self.devices[0])
-        self.fc8.to(self.devices[0])
-        self.column_b.to(self.devices[1])
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.column_a, self.column_b
-        # Each GPU gets the whole image batch (both columns' conv1 kernels see all three colour channels).
-        xa, xb = a.below_conv3(x.to(self.devices[0])), b.below_conv3(x.to(self.devices[1]))
-        # Section 3.5: "the kernels of the third convolutional layer are connected to all kernel maps in the
-        # second layer", and "the neurons in the fully-connected layers are connected to all neurons in the
-        # previous layer": the columns exchange activations before conv3, fc6, fc7 and fc8.
-        both_a, both_b = _exchange(xa, xb)
-        xa, xb = a.conv3_to_pool5(both_a), b.conv3_to_pool5(both_b)
-        both_a, both_b = _exchange(xa, xb)
-        xa, xb = a.layer6(both_a), b.layer6(both_b)
-        both_a, both_b = _exchange(xa, xb)
-        xa, xb = a.layer7(both_a), b.layer7(both_b)
-        return self.fc8(torch.cat([xa, xb.to(self.devices[0])], dim=1))
-
-    def grouped_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights in ``AlexNet``'s layout (on the CPU): ``AlexNet(columns=2, ...).load_state_dict`` takes
-        them, e.g. to evaluate a model-parallel checkpoint on one device."""
-        layers = {
-            "conv1": "features", "conv2": "features", "conv3": "features", "conv4": "features",
-            "conv5": "features", "fc6": "classifier", "fc7": "classifier",
-        }  # fmt: skip
-        state: dict[str, torch.Tensor] = {}
-        for layer, block in layers.items():
-            for kind in ("weight", "bias"):
-                halves = [
-                    getattr(getattr(col, layer), kind).detach().cpu()
-                    for col in (self.column_a, self.column_b)
-                ]
-                state[f"{block}.{layer}.{kind}"] = torch.cat(halves)
-        state["classifier.fc8.weight"] = self.fc8.weight.detach().cpu().clone()
-        state["classifier.fc8.bias"] = self.fc8.bias.detach().cpu().clone()
-        return state
+def initialize(net: nn.Module, cfg: ModelConfig, seed: int | None = None) -> None:
+    """Initial weights layer by layer, each from its own stream of ``seed`` (common random numbers: a layer
+    another arm leaves unchanged starts from the same weights there). The last layer has a linear gain."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    layers = [(n.split(".")[-1], m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    last = layers[-1][0]
+    for name, layer in layers:
+        draws = generator(seed, "init", name)
+        if cfg.init is Init.paper:
+            # Section 5: "zero-mean Gaussian distribution with standard deviation 0.01".
+            nn.init.normal_(layer.weight, 0.0, 0.01, generator=draws)
+            unit = name in _PAPER_UNIT_BIASES and cfg.arch is Arch.alexnet
+            nn.init.constant_(layer.bias, 1.0 if unit else 0.0)
+        else:
+            gain = "linear" if name == last else cfg.activation.value
+            nn.init.kaiming_normal_(layer.weight, nonlinearity=gain, generator=draws)
+            nn.init.zeros_(layer.bias)
 
 
 # Figure 1's network: the paper says only "a four-layer convolutional neural network" on CIFAR-10. Its
@@ -401,67 +315,36 @@ FIGURE1_CONV_CHANNELS = (32, 32, 64)
 class Figure1CNN(nn.Module):
     """The four-layer CIFAR-10 net of Figure 1 (ReLU vs tanh training speed), with AlexNet's switches.
 
-    Takes the same arguments as ``AlexNet`` so one config group builds either. ``activation``, ``pool``,
-    ``pool_type``, ``lrn`` (after pool1 and pool2, where cuda-convnet's CIFAR nets normalise), ``init`` and
-    ``width`` apply; it has one column and no dropout layer ("no regularization of any kind", Figure 1).
+    ``activation``, ``pool``, ``pool_type``, ``lrn`` (after pool1 and pool2, where cuda-convnet's CIFAR nets
+    normalise), ``init`` and ``width`` apply; it has one column and no dropout ("no regularization of any
+    kind", Figure 1).
     """
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        input_size: int = 32,
-        activation: Activation = "relu",
-        pool: Pool = "overlapping",
-        pool_type: PoolType = "max",
-        lrn: bool = False,
-        dropout: float = 0.0,
-        columns: int = 1,
-        init: Init = "kaiming",
-        width: float = 1.0,
-    ):
+    def __init__(self, cfg: ModelConfig | None = None, *, seed: int | None = None, **switches):
         super().__init__()
-        if input_size != 32 or columns != 1 or dropout != 0.0:
-            raise ValueError(
-                f"Figure1CNN is a 32x32, one-column net without dropout; got input_size={input_size}, "
-                f"columns={columns}, dropout={dropout}"
-            )
-        self.activation, self.init = activation, init
-        c1, c2, c3 = (_scaled(c, width, 1) for c in FIGURE1_CONV_CHANNELS)
-        self.features = nn.Sequential(
-            OrderedDict(
-                conv1=nn.Conv2d(3, c1, 5, padding=2),
-                act1=_activation(activation),
-                pool1=_pool(pool, pool_type),
-                lrn1=LocalResponseNorm() if lrn else nn.Identity(),
-                conv2=nn.Conv2d(c1, c2, 5, padding=2),
-                act2=_activation(activation),
-                pool2=_pool(pool, pool_type),
-                lrn2=LocalResponseNorm() if lrn else nn.Identity(),
-                conv3=nn.Conv2d(c2, c3, 5, padding=2),
-                act3=_activation(activation),
-                pool3=_pool(pool, pool_type),
-            )
-        )
-        self.classifier = nn.Sequential(OrderedDict(fc4=nn.Linear(c3 * 4 * 4, num_classes)))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for name, layer in self.named_modules():
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                if self.init == "paper":
-                    nn.init.normal_(layer.weight, 0.0, 0.01)
-                else:
-                    nonlinearity = "linear" if name.endswith("fc4") else self.activation
-                    nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)
-                nn.init.zeros_(layer.bias)
+        switches.setdefault("arch", Arch.figure1_cnn)
+        if cfg is None:
+            switches = {"input_size": 32, "columns": 1, "dropout": 0.0, "num_classes": 10, **switches}
+        cfg = self.cfg = _config(cfg, switches)
+        c1, c2, c3 = (_scaled(c, cfg.width, 1) for c in FIGURE1_CONV_CHANNELS)
+        layers = OrderedDict()
+        for index, (inputs, out) in enumerate(((3, c1), (c1, c2), (c2, c3)), start=1):
+            layers[f"conv{index}"] = nn.Conv2d(inputs, out, 5, padding=2)
+            layers[f"act{index}"] = _activation(cfg.activation)
+            layers[f"pool{index}"] = _pool(cfg)
+            if index < 3:
+                layers[f"lrn{index}"] = LocalResponseNorm() if cfg.lrn else nn.Identity()
+        self.features = nn.Sequential(layers)
+        self.classifier = nn.Sequential(OrderedDict(fc4=nn.Linear(c3 * 4 * 4, cfg.num_classes)))
+        initialize(self, cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-NETWORKS: dict[str, type[nn.Module]] = {"alexnet": AlexNet, "figure1_cnn": Figure1CNN}
+NETWORKS: dict[Arch, type[nn.Module]] = {Arch.alexnet: AlexNet, Arch.figure1_cnn: Figure1CNN}
 
 
-def build_network(arch: Arch = "alexnet", **switches) -> nn.Module:
-    """The network named by ``model.arch``, built with the model config's other keys."""
-    return NETWORKS[arch](**switches)
+def build_network(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
+    """The network named by ``model.arch``, its initial weights drawn from ``seed``'s streams."""
+    return NETWORKS[cfg.arch](cfg, seed=seed)

@@ -3,9 +3,11 @@
 Logged every epoch: ``train/loss``, ``train/top1_err``, ``train/top5_err`` (over the epoch's batches, with
 dropout on, as the paper's Figure 1 plots them), the same for ``val/``, ``val/top1_err_best``,
 ``train/images_per_sec`` and, once the target is reached, ``train/epochs_to_target``. Testing logs
-``test/top{1,5}_err_1crop`` (centre crop) and ``test/top{1,5}_err_10crop`` (section 4.1's ten views).
-After fit ``summary()`` holds the per-run numbers (best validation errors, final training error and the
-time to the target training error, or None for "never").
+``test/top{1,5}_err_1crop`` (centre crop) and ``test/top{1,5}_err_10crop`` (section 4.1's ten views), and
+keeps each test image's outcome (``test_outcomes``: right or wrong, top-1 and top-5, centre crop and ten
+views), from which the report compares arms image by image. After fit ``summary()`` holds the per-run
+numbers (best validation errors, final training error and the time to the target training error, or None
+for "never").
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from alexnet.config import OptimizerConfig, Schedule
+
+# The per-image test outcomes: (kind, views), each a boolean per test image.
+OUTCOMES = ("top1_1crop", "top5_1crop", "top1_10crop", "top5_10crop")
+
 
 def _error_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection(
@@ -35,29 +42,28 @@ def _error_metrics(num_classes: int) -> MetricCollection:
 class AlexNetModule(L.LightningModule):
     """Args:
     net: the network.
-    lr, momentum, weight_decay: SGD as in section 5 (0.01, 0.9, 5e-4).
-    plateau_factor, plateau_patience, min_lr: "divide the learning rate by 10 when the validation error
-        rate stopped improving"; the paper did so three times, so min_lr defaults to lr / 1000.
+    optimizer: section 5's recipe (alexnet.config.OptimizerConfig; its defaults are the paper's).
     target_train_error: the training top-1 error whose first crossing is timed (Figure 1: 25%).
     stop_at_target: end training at the epoch that reaches it (Figure 1 measures nothing after it).
+    provenance: plain values saved in every checkpoint (the run id and its resolved config), so that
+        ``src/eval.py`` can rebuild the network and find the run a checkpoint belongs to.
     """
 
     def __init__(
         self,
         net: nn.Module,
         num_classes: int,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        plateau_factor: float = 0.1,
-        plateau_patience: int = 2,
-        min_lr: float = 1e-5,
+        optimizer: OptimizerConfig | None = None,
         target_train_error: float = 0.25,
         stop_at_target: bool = False,
+        provenance: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
         self.net = net
+        self.recipe = optimizer or OptimizerConfig()
+        self.target_train_error, self.stop_at_target = target_train_error, stop_at_target
+        self.provenance = provenance or {}
+        self.top5 = min(5, num_classes)
         self.criterion = nn.CrossEntropyLoss()
         self.train_metrics = _error_metrics(num_classes)
         self.train_loss = MeanMetric()
@@ -71,6 +77,8 @@ class AlexNetModule(L.LightningModule):
         self.epochs_to_target: float | None = None
         self.seconds_to_target: float | None = None
         self.diverged: str | None = None  # what went non-finite, and when
+        self._outcomes: dict[str, list[torch.Tensor]] = {}
+        self.test_outcomes: dict[str, np.ndarray] = {}  # per test image, in the test set's order
         self._train_seconds = 0.0
         self._epoch_start = 0.0
         self._last_batch_end = 0.0
@@ -99,6 +107,8 @@ class AlexNetModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, self.train_metrics, "train")
+        # The progress bar's running numbers (the logged curves are whole epochs, in on_train_epoch_end).
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         # Diverged: a NaN/inf step would poison every weight. The step's gradients are dropped (see
         # on_after_backward) and training stops; train() marks the run. Under DDP the processes decide
         # together (any one's non-finite loss stops them all) and still run this step's backward: its
@@ -133,11 +143,35 @@ class AlexNetModule(L.LightningModule):
         loss = self.criterion(centre, labels)
         self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
         self.test_metrics.update(centre, labels)
+        self._keep_outcomes("1crop", centre, labels)
         if views.shape[1] > 1:
             probs = centre.softmax(dim=1)
             for v in range(1, views.shape[1]):  # one view at a time: ten 227 views of 128 images are 0.8 GB
                 probs += self(views[:, v]).softmax(dim=1)
             self.test_metrics_10crop.update(probs / views.shape[1], labels)
+            self._keep_outcomes("10crop", probs, labels)
+
+    def _keep_outcomes(self, views: str, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        hits = scores.topk(self.top5, dim=1).indices == labels.view(-1, 1)
+        self._outcomes.setdefault(f"top1_{views}", []).append(hits[:, 0].cpu())
+        self._outcomes.setdefault(f"top5_{views}", []).append(hits.any(dim=1).cpu())
+
+    def _gather_outcomes(self) -> dict[str, np.ndarray]:
+        """Every process's outcomes, in the test set's order: under DDP, process r evaluated the images
+        r, r + W, r + 2W, ... (Lightning's unrepeated sampler), so the shares interleave."""
+        mine = {k: torch.cat(v).numpy() for k, v in self._outcomes.items()}
+        self._outcomes = {}
+        world = self.trainer.world_size
+        if world == 1:
+            return mine
+        shares: list[dict[str, np.ndarray]] = [{} for _ in range(world)]
+        torch.distributed.all_gather_object(shares, mine)
+        total = sum(len(next(iter(s.values()))) for s in shares)
+        merged = {k: np.zeros(total, dtype=bool) for k in mine}
+        for rank, share in enumerate(shares):
+            for k, values in share.items():
+                merged[k][rank::world] = values
+        return merged
 
     def _errors(self, metrics: MetricCollection, stage: str, suffix: str = "") -> dict[str, float]:
         accuracy = metrics.compute()
@@ -168,7 +202,11 @@ class AlexNetModule(L.LightningModule):
         errors = self._log_errors(self.val_metrics, "val")
         # Section 5's schedule steps here, right after validation, not where Lightning would (after the
         # epoch-end checkpoint): so last.ckpt holds the stepped schedule and a resumed run keeps every drop.
-        self.lr_schedulers().step(errors["val/top1_err"])
+        schedule = self.lr_schedulers()
+        if self.recipe.schedule is Schedule.plateau:
+            schedule.step(errors["val/top1_err"])
+        else:
+            schedule.step()
         self.best_val_top1.update(errors["val/top1_err"])
         self.best_val_top5.update(errors["val/top5_err"])
         self.log("val/top1_err_best", self.best_val_top1.compute())
@@ -191,7 +229,7 @@ class AlexNetModule(L.LightningModule):
         if self.epochs_to_target is None and self._check_target():
             metrics["train/epochs_to_target"] = self.epochs_to_target
             metrics["train/seconds_to_target"] = self.seconds_to_target
-            if self.hparams.stop_at_target:
+            if self.stop_at_target:
                 self.trainer.should_stop = True
         self._log_now(metrics)
 
@@ -199,7 +237,7 @@ class AlexNetModule(L.LightningModule):
         """Whether the training error reached the target in the last epoch; if so, when: linear interpolation
         between the last two points of the (epoch, training error) curve, which starts at chance error at
         epoch 0. Fractional epochs, as Figure 1's x axis."""
-        target = self.hparams.target_train_error
+        target = self.target_train_error
         (e0, err0, s0), (e1, err1, s1) = self.train_curve[-2:]
         if err1 > target:
             return False
@@ -214,6 +252,7 @@ class AlexNetModule(L.LightningModule):
         self._log_errors(self.test_metrics, "test", "_1crop")
         if ten_crop:
             self._log_errors(self.test_metrics_10crop, "test", "_10crop")
+        self.test_outcomes = self._gather_outcomes()
 
     def summary(self) -> dict[str, float | None]:
         """Per-run numbers after fit: the ones an ablation report compares."""
@@ -241,6 +280,7 @@ class AlexNetModule(L.LightningModule):
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "rng_python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            **self.provenance,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -265,13 +305,14 @@ class AlexNetModule(L.LightningModule):
         return metric.compute().item() if metric.update_called else None
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr
-        )
+        r = self.recipe
+        optimizer = torch.optim.SGD(self.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+        if r.schedule is Schedule.plateau:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=r.drop_factor, patience=r.plateau_patience, min_lr=r.min_lr
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(r.milestones), gamma=r.drop_factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": "val/top1_err", "interval": "epoch"},

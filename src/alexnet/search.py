@@ -5,10 +5,10 @@ the trial's parameters plus ``optuna.study`` and ``optuna.trial``. In that job, 
 - finds the trial in the study's storage (``hydra.sweeper.storage`` of the job's own Hydra config), tags the
   MLflow run with the study and trial, and stores the run id in the trial (user attribute ``mlflow_run_id``);
 - returns a callback that reports ``hydra.sweeper.report`` (default ``val/top1_err``) after every epoch's
-  validation and raises ``optuna.TrialPruned`` when the study's pruner says so; train.py then ends the run
+  validation and raises ``optuna.TrialPruned`` when the study's pruner says so; the task then ends the run
   KILLED with the tag ``optuna.state=PRUNED`` (``mark_pruned``), and the sweeper tells Optuna PRUNED;
-- a reported value that is not a finite number stops the job with ``DivergedError`` (a diverged loss is
-  caught earlier, by the module: train.py raises ``Diverged``); either way the trial is FAIL.
+- a reported value that is not a finite number stops the job with ``Diverged`` (a diverged loss is caught
+  earlier, by the module); either way the trial is FAIL.
 
 Outside a sweep (``optuna`` is null in conf/train.yaml) none of this runs.
 """
@@ -26,15 +26,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig
 
 from alexnet import tracking
-from alexnet.config import ConfigError
+from alexnet.errors import ConfigError, Diverged
 from hydra_plugins.alexnet_optuna_sweeper.trials import load_trial, redact
 
 # What the pruner raises in a job; train.py ends such a run with ``mark_pruned``, not as a failure.
 TrialPruned = optuna.TrialPruned
-
-
-class DivergedError(RuntimeError):
-    """The reported value is not a finite number: these hyper-parameters diverge."""
 
 
 class ReportToTrial(Callback):
@@ -62,7 +58,7 @@ class ReportToTrial(Callback):
             )
         value = metrics[self.metric]
         if not math.isfinite(value):
-            raise DivergedError(
+            raise Diverged(
                 f"{self.metric} is {value} after epoch {epoch}: the training diverged. Lower optimizer.lr "
                 "(or the top of its search interval)."
             )

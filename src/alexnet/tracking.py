@@ -1,22 +1,25 @@
 """MLflow: where runs go, what each run records, and how a failure is kept.
 
 Every training job is one MLflow run that holds
-- params: every resolved config value under its dotted key (``model.activation``, ``optimizer.lr``, ...);
+- params: the experiment's keys (alexnet.identity: every resolved switch, ``data.fingerprint``) and the seed;
 - metrics: the per-epoch curves from ``AlexNetModule`` and the per-run summary;
 - tags: seed, git commit, Hydra job number, sweep dir, output dir, ablation factor/level when set;
-- artifacts: ``config.yaml`` (the resolved config) and ``overrides.yaml`` (the command-line overrides), and
-  ``error.txt`` when the job failed.
+- artifacts: ``config.yaml`` (the whole resolved config) and ``overrides.yaml`` (the command line),
+  ``test_outcomes.npz`` (each test image right or wrong), and ``error.txt`` when the job failed.
 
-All jobs of a Hydra multirun share one experiment (``logger.experiment_name``), so ``mlflow ui`` shows them
-side by side. Any tracking URI MLflow accepts works: the default SQLite file, or ``http://host:5000``.
+The jobs of one sweep (a Hydra multirun, or an Optuna study) are nested under one parent run. Any tracking
+URI MLflow accepts works: the default SQLite file, or ``http://host:5000``. A password in a URL (a tracking
+server's or a database's) never reaches the tracker or a log line: ``mask_secrets`` replaces it with ***.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
+import re
 import subprocess
 import tempfile
 import traceback
@@ -26,56 +29,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
+import numpy as np
+from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
+
+from alexnet.errors import TrackingError
+from alexnet.identity import config_lock, experiment_params, run_key, run_name
 
 log = logging.getLogger(__name__)
 
-# Overrides that say where things go, not what was trained: left out of run names.
-_NOT_IN_RUN_NAME = (
-    "paths.",
-    "logger.",
-    "hydra.",
-    "data.root",
-    "data.num_workers",
-    "trainer.enable_",
-    "trainer.log_every",
-)
-MAX_PARAM_LENGTH = 6000  # MLflow 3's limit for a param value
+OUTCOMES_ARTIFACT = "test_outcomes.npz"
+SWEEP_TAG = "alexnet.sweep"  # on a sweep's parent run: the digest of the sweep's command line
+# user:password@ in any URL (tracking servers, SQLAlchemy database URLs).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):([^\s@/]+)@")
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """Every leaf of the resolved config as ``dotted.key -> str(value)``."""
-    out: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
-            for i, value in enumerate(node):
-                walk(value, f"{prefix}{i}.")
-        else:
-            out[prefix[:-1]] = str(node)[:MAX_PARAM_LENGTH]
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
+def mask_secrets(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``, anywhere in ``text``."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
-def run_name(overrides: list[str]) -> str:
-    """What this job changed, e.g. ``activation=tanh seed=2``; ``default`` when nothing was overridden."""
-    parts = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith(_NOT_IN_RUN_NAME):
-            continue
-        parts.append(f"{key.split('.')[-1]}={value}")
-    return " ".join(parts) or "default"
+class SecretFilter(logging.Filter):
+    """Masks passwords in URLs in every record a handler emits (installed by the task on the root logger's
+    handlers, so Hydra's job log and the console never show one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 def git_commit(root: Path) -> str:
@@ -85,12 +73,9 @@ def git_commit(root: Path) -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
             timeout=10,
-        ).stdout.strip()
+        ).stdout.strip()  # fmt: skip
         return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -102,45 +87,19 @@ def run_tags(cfg: DictConfig, job: dict[str, Any]) -> dict[str, str]:
         "git_commit": git_commit(Path(cfg.paths.root_dir)),
         "hydra_job_num": str(job.get("num", 0)),
         "output_dir": str(job.get("output_dir", "")),
+        # The command line that made the run, without where things went: the report prints it.
+        "overrides": mask_secrets(" ".join(o for o in job.get("overrides", []) if not o.startswith(_WHERE))),
     }
     if job.get("sweep_dir"):
         tags["sweep_dir"] = str(job["sweep_dir"])
-    ablation = cfg.get("ablation") or {}
     for key in ("factor", "level"):
-        if ablation.get(key) is not None:
-            tags[f"ablation.{key}"] = str(ablation[key])
+        value = (cfg.get("ablation") or {}).get(key)
+        if value is not None:
+            tags[f"ablation.{key}"] = str(value)
     return tags
 
 
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used. The message says which URI or folder, and what to do."""
-
-
-# Keys that say where things go or how they are shown, not what is trained: two jobs that differ only in
-# these are the same experiment (the same ``run_key``), so a rerun finds the first one's run to resume.
-_NOT_IN_RUN_KEY = ("paths", "logger", "hydra", "resume", "optuna")
-_NOT_IN_RUN_KEY_LEAVES = (
-    "data.num_workers",
-    "data.cache_dir",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.log_every_n_steps",
-)
-
-
-def run_key(cfg: DictConfig) -> str:
-    """A digest of everything that decides what this job trains and measures."""
-    values = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_IN_RUN_KEY}
-    for key in _NOT_IN_RUN_KEY_LEAVES:
-        values.pop(key, None)
-    # Where the network runs (the devices group) came after the first runs. On one device a job keeps the
-    # digest it had before (trainer.devices 1, no strategy, no devices keys), so reruns still find those runs;
-    # model parallel and DDP are runs of their own (a model-parallel checkpoint has another form).
-    if values.get("devices.mode", "one") == "one":
-        for key in ("devices.mode", "devices.count", "trainer.strategy"):
-            values.pop(key, None)
-        values["trainer.devices"] = "1"
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:24]
+_WHERE = ("logger.", "paths.", "hydra.", "hydra/", "trainer.enable_", "data.root", "data.cache_dir")
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -161,9 +120,9 @@ def check_reachable(uri: str, seconds: float = 10.0) -> None:
             response.read()
     except (OSError, ValueError) as err:
         raise TrackingError(
-            f"Cannot reach the MLflow tracking server at {uri} ({err}). Start it (mlflow server --host ... "
-            f"--port ...), fix logger.tracking_uri / MLFLOW_TRACKING_URI, or unset it to use the local "
-            f"SQLite store."
+            f"Cannot reach the MLflow tracking server at {mask_secrets(uri)} ({mask_secrets(str(err))}). Start "
+            "it (mlflow server --host ... --port ..., or scripts/team_server.sh), fix logger.tracking_uri / "
+            "MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
         ) from None
 
 
@@ -180,8 +139,24 @@ def store_lock(uri: str):
         yield
 
 
+def experiment_id(client: MlflowClient, cfg: DictConfig, uri: str) -> str:
+    """The id of ``logger.experiment_name``, created if needed (artifacts in ``logger.artifact_location`` for
+    a local store; a server stores them where it was told to, --artifacts-destination)."""
+    name = cfg.logger.experiment_name
+    local = not uri.startswith(("http://", "https://")) and cfg.logger.artifact_location
+    location = Path(cfg.logger.artifact_location).resolve().as_uri() if local else None
+    try:
+        with store_lock(uri):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None or experiment.lifecycle_stage == "deleted":
+                return client.create_experiment(name, artifact_location=location)
+            return experiment.experiment_id
+    except MlflowException as err:
+        raise TrackingError(f"Cannot use the MLflow store {mask_secrets(uri)}: {mask_secrets(str(err))}") from None
+
+
 class RunLogger(MLFlowLogger):
-    """Lightning ends the MLflow run FINISHED as soon as ``fit`` returns; ``train()`` still has to test and
+    """Lightning ends the MLflow run FINISHED as soon as ``fit`` returns; the task still has to test and
     log the summary. A run killed then would look complete and never be resumed, so success is left to
     ``finish``; failures still end the run at once."""
 
@@ -203,89 +178,65 @@ class TrackedRun:
     checkpoint_dir: Path
     resume_from: Path | None = None  # the last checkpoint of an interrupted attempt
     finished: Run | None = None  # the earlier run, when it finished (or diverged)
-    lock: FileLock | None = None  # held while this process trains the config: see open_run
+    lock: FileLock | None = None  # held while this process trains the config (resume=auto)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
-def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
+def open_run(cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> TrackedRun:
     """Find or create the job's MLflow run before any training starts.
 
-    With ``resume=auto`` (the default) a job whose config (``run_key``) already has a run in the experiment
-    continues it: a FINISHED or diverged run is not trained again; an interrupted or failed one goes on
-    from its last checkpoint, in the same run, so its metric history stays one curve. Creating the run here,
-    not at the first metric, means a wrong URI or an unwritable store fails in the first second, and a job
-    that dies later still leaves a run that says so.
+    With ``resume=auto`` (the default) a job whose configuration (``run_key``) already has a run in the
+    experiment continues it: a FINISHED or diverged run is not trained again; an interrupted or failed one
+    goes on from its last checkpoint, in the same run, so its metric history stays one curve. Creating the
+    run here, not at the first metric, means a wrong URI or an unwritable store fails in the first second,
+    and a job that dies later still leaves a run that says so.
     """
     uri = tracking_uri(cfg)
     check_reachable(uri)
     client = MlflowClient(uri)
-    name = cfg.logger.experiment_name
-    # A server stores artifacts where it was told to (--artifacts-destination); a path on this machine
-    # would be unreadable to everyone else, so the configured location applies to local stores only.
-    local = not uri.startswith(("http://", "https://")) and cfg.logger.artifact_location
-    artifact_location = Path(cfg.logger.artifact_location).resolve().as_uri() if local else None
-    try:
-        with store_lock(uri):
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None or experiment.lifecycle_stage == "deleted":
-                experiment_id = client.create_experiment(name, artifact_location=artifact_location)
-            else:
-                experiment_id = experiment.experiment_id
-    except MlflowException as err:
-        raise TrackingError(f"Cannot use the MLflow store {uri}: {err}") from None
-
-    key = run_key(cfg)
+    exp = experiment_id(client, cfg, uri)
+    key = run_key(cfg, fingerprint)
     checkpoints = Path(cfg.paths.checkpoint_dir)
-    # One process at a time per config: a second job with the same config (a sweep rerun while the first
-    # still runs, two parallel trials that drew the same values) would write into the same run and the same
-    # last.ckpt. The OS drops the lock when its process dies, so a killed job can still be resumed.
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(checkpoints / f"{key}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise TrackingError(
-            f"A job with the same configuration (run_key {key}) is running in another process on this "
-            f"machine (lock {lock.lock_file}). Wait for it, or pass resume=never to train a separate run."
-        ) from None
-    previous = None
-    if cfg.get("resume", "auto") == "auto":
-        found = client.search_runs(
-            [experiment_id], filter_string=f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"]
-        )
+    lock = previous = None
+    if cfg.resume == "auto":  # with resume=never the run is new, and so is its checkpoint folder: no lock
+        lock = config_lock(checkpoints, key)
+        found = client.search_runs([exp], f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"])
         previous = found[0] if found else None
     if previous is not None:
         run_id = previous.info.run_id
         if previous.info.status == "FINISHED" or previous.data.tags.get("diverged") == "true":
             lock.release()
             return TrackedRun(None, run_id, checkpoints / run_id, finished=previous)
-        attempts = int(previous.data.tags.get("attempts", "1")) + 1
         client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "attempts", str(attempts))
+        client.set_tag(run_id, "attempts", str(int(previous.data.tags.get("attempts", "1")) + 1))
         last = checkpoints / run_id / "last.ckpt"
         resume_from = last if last.is_file() else None
         client.set_tag(run_id, "resumed_from", str(resume_from) if resume_from else "start")
-        logger = RunLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
+        logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id)
         return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from, lock=lock)
 
-    tags = run_tags(cfg, job) | {
-        "run_key": key,
-        "attempts": "1",
-        MLFLOW_RUN_NAME: run_name(job.get("overrides", [])),
-    }
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
-    logger = RunLogger(experiment_name=name, tracking_uri=uri, run_id=run_id, log_model=False)
+    tags = run_tags(cfg, job) | {"run_key": key, "attempts": "1", MLFLOW_RUN_NAME: run_name(job.get("overrides", []))}
+    parent = sweep_parent(client, exp, cfg, job)
+    if parent:
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    run_id = client.create_run(exp, tags=tags).info.run_id
+    logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id)
     try:
-        logger.log_hyperparams(flatten(cfg))
+        params = experiment_params(cfg, fingerprint) | {"seed": str(cfg.seed)}
+        logger.log_hyperparams({k: mask_secrets(v) for k, v in params.items()})
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            overrides = OmegaConf.create(list(job.get("overrides", [])))
-            (Path(tmp) / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+            (Path(tmp) / "config.yaml").write_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)))
+            overrides = OmegaConf.to_yaml(OmegaConf.create(list(job.get("overrides", []))))
+            (Path(tmp) / "overrides.yaml").write_text(mask_secrets(overrides))
             client.log_artifacts(run_id, tmp)
     except (OSError, MlflowException) as err:
         error = TrackingError(
-            f"Cannot record run {run_id} in {uri} (artifacts: {client.get_run(run_id).info.artifact_uri}): "
-            f"{err}. Check that the artifact folder (logger.artifact_location) exists, is writable and has "
-            f"free space."
+            f"Cannot record run {run_id} in {mask_secrets(uri)} (artifacts: "
+            f"{client.get_run(run_id).info.artifact_uri}): {err}. Check that the artifact folder "
+            "(logger.artifact_location) exists, is writable and has free space."
         )
         mark_failed(logger, error)
         raise error from None
@@ -293,8 +244,30 @@ def open_run(cfg: DictConfig, job: dict[str, Any]) -> TrackedRun:
     return TrackedRun(logger, run_id, checkpoints / run_id, lock=lock)
 
 
+def sweep_parent(client: MlflowClient, exp: str, cfg: DictConfig, job: dict[str, Any]) -> str | None:
+    """The parent run of the sweep this job belongs to (None outside a sweep), created by whichever job
+    comes first. A sweep is its command line (every job reads it from the sweep folder's multirun.yaml), or
+    its Optuna study: rerunning the same command nests the resumed and remaining jobs under the same parent.
+    A file lock serialises the jobs of one machine; across machines the oldest parent wins."""
+    study = (cfg.get("optuna") or {}).get("study")
+    command = job.get("sweep_overrides")
+    if study is None and command is None:
+        return None
+    label = f"study {study}" if study else "sweep: " + " ".join(o for o in command if not o.startswith(_WHERE))
+    key = hashlib.sha256(json.dumps([cfg.logger.experiment_name, study or command]).encode()).hexdigest()[:24]
+    lock_dir = Path(cfg.paths.checkpoint_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_dir / f"sweep-{key}.lock", timeout=300):
+        found = client.search_runs([exp], f"tags.`{SWEEP_TAG}` = '{key}'", order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(exp, tags={SWEEP_TAG: key, MLFLOW_RUN_NAME: mask_secrets(label)[:250]})
+        client.set_terminated(run.info.run_id, "FINISHED")  # a folder for its children; it trains nothing
+        return run.info.run_id
+
+
 def summary_of(run: Run) -> dict[str, float | None]:
-    """The per-run numbers of a finished run, as ``train()`` returns them."""
+    """The per-run numbers of a finished run, as the task returns them."""
     summary = {k: v for k, v in run.data.metrics.items() if k.startswith(("best/", "final/", "test/"))}
     if run.data.tags.get("epochs_to_target") == "never":
         summary |= {"final/epochs_to_target": None, "final/seconds_to_target": None}
@@ -309,15 +282,42 @@ def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: in
         logger.experiment.set_tag(logger.run_id, "epochs_to_target", "never")
 
 
+def log_outcomes(logger: MLFlowLogger, outcomes: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Each test image's outcome as ``test_outcomes.npz``: packed bits, a few kB for 10,000 images, plus a
+    digest of the labels so that the report pairs only runs tested on the same images in the same order."""
+    if not outcomes:
+        return
+    buffer = io.BytesIO()
+    packed = {k: np.packbits(v) for k, v in outcomes.items()}
+    np.savez_compressed(buffer, images=np.int64(len(labels)), labels_sha=labels_digest(labels), **packed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / OUTCOMES_ARTIFACT
+        path.write_bytes(buffer.getvalue())
+        logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def labels_digest(labels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def read_outcomes(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """``test_outcomes.npz`` back as booleans per image, and its labels digest."""
+    with np.load(path) as data:
+        n = int(data["images"])
+        outcomes = {k: np.unpackbits(data[k])[:n].astype(bool) for k in data.files if k not in ("images", "labels_sha")}
+        return outcomes, str(data["labels_sha"])
+
+
 def mark_failed(logger: MLFlowLogger, error: BaseException, status: str = "FAILED") -> None:
     """End the run as FAILED (or KILLED) with the error as a tag and the traceback as ``error.txt``.
 
     Each step is tried on its own: when the artifact store is what failed, the status and the tag still land.
     """
     client: MlflowClient = logger.experiment
+    text = mask_secrets("".join(traceback.format_exception(error)))
     steps = (
-        lambda: client.set_tag(logger.run_id, "error", f"{type(error).__name__}: {error}"[:5000]),
-        lambda: _log_text(client, logger.run_id, "error.txt", "".join(traceback.format_exception(error))),
+        lambda: client.set_tag(logger.run_id, "error", mask_secrets(f"{type(error).__name__}: {error}")[:5000]),
+        lambda: _log_text(client, logger.run_id, "error.txt", text),
         lambda: client.set_terminated(logger.run_id, status),
     )
     for step in steps:
@@ -337,6 +337,6 @@ def _log_text(client: MlflowClient, run_id: str, name: str, text: str) -> None:
 def tag_run(logger: MLFlowLogger, tags: dict[str, str], status: str | None = None) -> None:
     """Add tags to the run; with ``status``, also end it so (e.g. KILLED for a trial the pruner stopped)."""
     for key, value in tags.items():
-        logger.experiment.set_tag(logger.run_id, key, value[:5000])
+        logger.experiment.set_tag(logger.run_id, key, mask_secrets(value)[:5000])
     if status is not None:
         logger.experiment.set_terminated(logger.run_id, status)

@@ -1,0 +1,117 @@
+"""Two-level fractional factorial designs over arms: ``python src/train.py -m +ablation=factorial``.
+
+Each factor is an arm of ``conf/arm/`` (a switch of the paper's net and its other level); a run of the
+design sets every factor to the paper's level (+) or the arm's (-). The default design,
+``conf/ablation/factorial.yaml``, puts the 2012 net's seven binary switches in a 2^(7-3) design of
+resolution IV (generators E = ABC, F = BCD, G = ACD: the 16-run 7-factor design of Box, Hunter & Hunter,
+"Statistics for Experimenters", 2nd ed., table 6.14): no main effect is aliased with another main effect or
+with a two-factor interaction, and the 21 two-factor interactions fall into 7 alias chains of three.
+pyDOE builds the design matrix from the generators; this module reads off its resolution and alias chains.
+
+Why a factorial: a main effect is the mean of the 8 runs at one level minus the mean of the 8 at the
+other, so from N runs it has variance 4 sigma^2 / N, where a one-switch-at-a-time delta from the same N runs
+(N / 8 seeds for each of 8 arms) has 16 sigma^2 / N: a quarter. The price: a main effect is averaged over
+the other switches' levels, where a one-switch sweep compares against the paper's exact configuration.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pydoe import fracfact
+
+from alexnet.errors import ConfigError, require
+
+ARMS_DIR = Path(__file__).resolve().parents[2] / "conf" / "arm"
+
+
+@dataclass(frozen=True)
+class Design:
+    """``factors``: arm names; ``generators``: pyDOE's notation, one word per factor ("a b c abc")."""
+
+    factors: tuple[str, ...]
+    generators: str
+
+    def __post_init__(self) -> None:
+        words = self.generators.split()
+        require(
+            len(words) == len(self.factors) >= 2,
+            "design.generators",
+            self.generators,
+            f"one generator word per factor ({len(self.factors)} factors: {', '.join(self.factors)})",
+        )
+        for name in self.factors:
+            require((ARMS_DIR / f"{name}.yaml").is_file(), "design.factors", name, f"an arm of {ARMS_DIR}")
+
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        """(runs, factors) of +1 (the paper's level) and -1 (the arm's level)."""
+        return fracfact(self.generators).astype(int)
+
+    @property
+    def runs(self) -> int:
+        return len(self.matrix)
+
+    def signs(self, run: int) -> str:
+        """Run ``run``'s levels as a string, e.g. ``+-+----``: the run's ``ablation.level`` tag."""
+        return "".join("+" if v > 0 else "-" for v in self.matrix[run])
+
+    @cached_property
+    def resolution(self) -> int:
+        """The length of the shortest word of the defining relation: the smallest set of factors whose
+        product column is constant."""
+        k = len(self.factors)
+        for size in range(1, k + 1):
+            for subset in itertools.combinations(range(k), size):
+                product = self.matrix[:, subset].prod(axis=1)
+                if abs(product.sum()) == self.runs:
+                    return size
+        return k + 1  # a full factorial
+
+    @cached_property
+    def interaction_chains(self) -> list[tuple[tuple[int, int], ...]]:
+        """The two-factor interactions grouped by the column they share (up to sign): each group is one
+        estimable contrast, the sum of its members."""
+        chains: dict[bytes, list[tuple[int, int]]] = {}
+        for i, j in itertools.combinations(range(len(self.factors)), 2):
+            column = self.matrix[:, i] * self.matrix[:, j]
+            chains.setdefault((column * column[0]).tobytes(), []).append((i, j))
+        mains = {(self.matrix[:, i] * self.matrix[0, i]).tobytes() for i in range(len(self.factors))}
+        return [tuple(pairs) for key, pairs in chains.items() if key not in mains]
+
+    def chain_name(self, chain: tuple[tuple[int, int], ...]) -> str:
+        return " = ".join(f"{self.factors[i]} x {self.factors[j]}" for i, j in chain)
+
+
+def design_of(node: DictConfig | dict) -> Design:
+    return Design(tuple(node["factors"]), str(node["generators"]))
+
+
+def apply_run(cfg: DictConfig) -> DictConfig:
+    """A factorial job's config: for run ``design.run``, every factor at the arm's level merged in (its
+    switches only), and the run tagged ``ablation.factor=factorial``, ``ablation.level=<signs>``. Other
+    configs are returned as they are."""
+    node = cfg.get("design")
+    if not node or node.get("run") is None:
+        return cfg
+    design = design_of(node)
+    run = node.run
+    require(
+        isinstance(run, int) and 0 <= run < design.runs, "design.run", run, f"a run of the design: 0..{design.runs - 1}"
+    )
+    for name, level in zip(design.factors, design.matrix[run], strict=True):
+        if level < 0:
+            arm = OmegaConf.load(ARMS_DIR / f"{name}.yaml")
+            arm.pop("ablation", None)
+            try:
+                cfg = OmegaConf.merge(cfg, arm)
+            except Exception as err:  # a typed config refused the arm's value
+                raise ConfigError(f"design.factors: arm {name} cannot be applied: {err}") from None
+    with open_dict(cfg):
+        cfg.ablation = {"factor": "factorial", "level": design.signs(run)}
+    return cfg

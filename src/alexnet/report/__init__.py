@@ -1,0 +1,126 @@
+"""The measured-vs-reported report: the ablation runs read back from MLflow, claim by claim.
+
+    python src/report.py ablation_cpu      # reports/ablation_cpu/report.{md,html} and the plots
+
+- ``claims``: the paper's claims (conf/claims.yaml) and the arms that test them;
+- ``runs``: the runs, their per-image outcomes, and the contexts in which they may be compared;
+- ``stats``: intervals over seeds and test images, verdicts, Holm's correction, power;
+- ``analysis``, ``figure1``, ``factorial``: from runs to rows, by kind of claim;
+- ``document``, ``render``, ``plots``: the rows as one document, written as Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from alexnet.errors import ReportError
+from alexnet.report import document, render
+from alexnet.report.analysis import Row, Settings, analyse
+from alexnet.report.claims import CLAIMS_FILE, ROOT, load_claims
+from alexnet.report.plots import plot
+from alexnet.report.runs import REPORT_TAG, RunRecord, fetch_runs, load_outcomes
+from alexnet.tracking import mask_secrets
+
+__all__ = ["ROOT", "make_report", "main", "Settings"]
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+
+
+def make_report(
+    experiment: str,
+    tracking_uri: str,
+    out: Path,
+    claims_file: Path = CLAIMS_FILE,
+    filter_string: str = "",
+    log_to_mlflow: bool = True,
+    settings: Settings | None = None,
+) -> tuple[list[Row], list[RunRecord]]:
+    settings = settings or Settings()
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ReportError(
+            f"No experiment {experiment!r} in the tracking store {mask_secrets(tracking_uri)} (it has: {names}). "
+            f"Run a sweep first, e.g. python src/train.py -m +ablation=lrn experiment=cpu (into 'ablation_cpu')."
+        )
+    runs = fetch_runs(client, exp.experiment_id, filter_string)
+    if not runs:
+        raise ReportError(
+            f"Experiment {experiment!r} has no training runs: run an ablation sweep "
+            f"(python src/train.py -m +ablation=<claim>) into it first."
+        )
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run is noise here
+    load_outcomes(client, runs)
+    claims = load_claims(claims_file)
+    rows, curves = analyse(claims, runs, settings, client)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(out, document.sections(rows), curves)
+    title = f"AlexNet (2012) claims: measured vs reported - experiment {experiment}"
+    doc = document.build(title, claims, rows, runs, plots, settings)
+    (out / "report.md").write_text(render.markdown(doc))
+    (out / "report.html").write_text(render.to_html(doc))
+    (out / "claims.yaml").write_text(Path(claims_file).read_text())
+    if log_to_mlflow:
+        _log_report_run(client, exp.experiment_id, out, rows, runs)
+    return rows, runs
+
+
+def _log_report_run(client: MlflowClient, experiment_id: str, out: Path, rows: list[Row], runs: list[RunRecord]) -> None:
+    """The report as a run of its own: every file as an artifact, each row's verdicts as tags and its numbers
+    (mean, interval, minimum detectable effect, seeds needed) as metrics."""
+    run = client.create_run(experiment_id, run_name="report", tags={REPORT_TAG: "true"})
+    try:
+        client.log_artifacts(run.info.run_id, str(out))
+        for row in rows:
+            client.set_tag(run.info.run_id, f"verdict.{row.key}", row.verdict)
+            client.set_tag(run.info.run_id, f"verdict_holm.{row.key}", row.adjusted_verdict)
+            numbers = {"mean": row.estimate.mean, "low": row.estimate.low, "high": row.estimate.high,
+                       "mde": row.mde, "seeds_needed": float(row.seeds_needed or math.nan)}  # fmt: skip
+            for name, value in numbers.items():
+                if math.isfinite(value):
+                    client.log_metric(run.info.run_id, f"{name}.{row.key}", value)
+        client.log_param(run.info.run_id, "runs_read", len(runs))
+        client.log_param(run.info.run_id, "runs_not_finished", sum(not r.finished for r in runs))
+        client.set_terminated(run.info.run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python src/report.py",
+        description="Read an experiment's ablation runs back from MLflow and write the measured-vs-reported "
+        "report (Markdown, HTML, PNG plots), also logged as the artifacts of a 'report' run.",
+    )
+    parser.add_argument("experiment", help="the MLflow experiment name, e.g. ablation_cpu (experiment=cpu)")
+    parser.add_argument("--tracking-uri", default=default_tracking_uri(), help="default: %(default)s")
+    parser.add_argument("--out", type=Path, help="output folder (default: reports/<experiment>)")
+    parser.add_argument("--claims", type=Path, default=CLAIMS_FILE, help="default: %(default)s")
+    parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"tags.sweep_dir = '...'\"")
+    parser.add_argument("--min-seeds", type=int, default=Settings.min_seeds, help="default: %(default)s")
+    parser.add_argument("--margin", type=float, default=Settings.margin, help="points; default: %(default)s")
+    parser.add_argument("--no-log", action="store_true", help="do not log a report run to MLflow")
+    args = parser.parse_args(argv)
+    out = args.out or ROOT / "reports" / args.experiment
+    settings = Settings(min_seeds=args.min_seeds, margin=args.margin)
+    try:
+        rows, runs = make_report(
+            args.experiment, args.tracking_uri, out, args.claims, args.filter, not args.no_log, settings
+        )
+    except ReportError as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    print(f"\n{len(runs)} runs read. The report: {out / 'report.md'} (and report.html, with the plots)")
+    return 0

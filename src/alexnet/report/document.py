@@ -1,0 +1,164 @@
+"""The report's content: its rules, one table of verdicts and one of noise and power per context, the
+claims without runs, the runs that did not finish, and the per-seed values."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from alexnet.report import stats
+from alexnet.report.analysis import Row, Settings
+from alexnet.report.claims import Claim
+from alexnet.report.render import Bullets, Document, Image, Section, Table
+from alexnet.report.runs import RunRecord, common_overrides
+
+METHOD = (
+    "**Intervals.** Each effect is estimated from every test image of every run: the runs (arms, seeds, "
+    "design points) are fitted image by image with the seeds as blocks, and the variance of the effect is "
+    "split into the part that comes from the seeds and the part that comes from the finite test set (the "
+    "method of moments for crossed random effects; docs/statistics.md). The 95% interval is a t interval "
+    "with Satterthwaite's degrees of freedom. Why not a bootstrap over seeds and images: with 3 to 8 seeds a "
+    "bootstrap has too few distinct resamples and its intervals are too narrow, while the t quantile with "
+    "few degrees of freedom is exactly the correction they lack. Arms are compared on the same images and, "
+    "within a seed, with the same data order, augmentation draws and initial weights (common random "
+    "numbers), so their noise largely cancels; the noise table shows the correlation this bought. A delta "
+    "is the paper's arm minus the ablated arm in points of error (negative: the paper's choice is better); "
+    "a ratio is a geometric mean of per-seed ratios."
+)
+
+
+def header(settings: Settings) -> list:
+    rules = [f"*{name}*: {rule}" for name, rule in stats.VERDICTS.items()]
+    return [
+        METHOD,
+        "**Verdicts**, from the 95% interval (equivalently, from two-sided tests at 5%):",
+        Bullets(rules),
+        f"The margin for *no effect* is ±{settings.margin} points of error (a ratio within "
+        f"[1/{settings.ratio_margin}, {settings.ratio_margin}]). A verdict other than *inconclusive* needs at "
+        f"least {settings.min_seeds} seeds (`--min-seeds`). **Holm** is the same rule applied to p-values "
+        "corrected with Holm's step-down method across every row of this report (the tests against no "
+        "effect, against the paper's number and of equivalence, each a family): the chance that any "
+        "corrected verdict is wrong stays at 5%.",
+        "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its current "
+        "seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, from the "
+        "noise measured so far (the seeds' part shrinks with more seeds; the test set's part does not, so "
+        "some effects cannot be reached by seeds alone: `-`). Add seeds with `seed=4,5,...`: finished runs "
+        "are skipped, only the new seeds train.",
+    ]
+
+
+def _value(row: Row, value: float, signed: bool = True) -> str:
+    if not math.isfinite(value):
+        return "-"
+    if row.unit == "x":
+        return f"{math.exp(value):.2f}x"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _ours(row: Row) -> str:
+    e = row.estimate
+    if e.n == 0:
+        return "no runs to compare"
+    if not e.ok:
+        return f"{_value(row, e.mean)} (n={e.n}, no interval)"
+    return f"{_value(row, e.mean)} [{_value(row, e.low)}, {_value(row, e.high)}]"
+
+
+def _paper(row: Row) -> str:
+    if row.reported is None:
+        if row.direction == 0:
+            return "-"
+        return "no number (" + ("lower error" if row.direction < 0 else "above 1") + ")"
+    return f"{row.reported:+.1f}" if row.unit == "pp" else f"~{row.reported:g}x"
+
+
+def _n(row: Row) -> str:
+    lost = f" (+{len(row.not_finished)} not finished)" if row.not_finished else ""
+    return f"{row.estimate.n}{lost}"
+
+
+def verdict_table(rows: list[Row]) -> Table:
+    header = ["claim", "§", "metric", "paper", "ours, mean [95% CI]", "n", "verdict", "Holm", "MDE", "command"]
+    body = [
+        [
+            row.claim.title, row.claim.section, row.label, _paper(row), _ours(row), _n(row), f"**{row.verdict}**",
+            f"**{row.adjusted_verdict}**", _value(row, row.mde, signed=False), f"`{row.command}`",
+        ]  # fmt: skip
+        for row in rows
+    ]
+    return Table(header, body)
+
+
+def noise_table(rows: list[Row]) -> Table:
+    header = ["claim", "metric", "method", "seed-to-seed SD", "test-set SE", "arms' correlation r",
+              "pairing bought", "seeds for 80%"]  # fmt: skip
+    body = []
+    for row in rows:
+        per_seed = list(row.per_seed.values())
+        sd = np.std(per_seed, ddof=1) if len(per_seed) > 1 and row.unit == "pp" else math.nan
+        r, gain = row.correlation
+        body.append([
+            row.claim.title, row.label, row.estimate.method or "-",
+            f"{sd:.2f}" if math.isfinite(sd) else "-",
+            f"{math.sqrt(row.estimate.image_part):.2f}" if row.estimate.image_part > 0 else "-",
+            f"{r:+.2f}" if math.isfinite(r) else "-", f"{gain:.1f}x variance" if math.isfinite(gain) else "-",
+            str(row.seeds_needed) if row.seeds_needed else "-",
+        ])  # fmt: skip
+    return Table(header, body)
+
+
+def build(
+    title: str, claims: list[Claim], rows: list[Row], runs: list[RunRecord], plots: dict[str, list[str]],
+    settings: Settings,
+) -> Document:  # fmt: skip
+    doc = Document(title, [Section("How to read this report", header(settings))])
+    if not rows:
+        doc.sections.append(Section("No claim could be evaluated", ["No context holds runs of both arms of any claim."]))
+    for text, group in sections(rows).items():
+        blocks = [verdict_table(group), "Noise and power:", noise_table(group)]
+        notes = list(dict.fromkeys(f"{row.claim.title}: {note}" for row in group for note in row.notes))
+        if notes:
+            blocks += ["Notes:", Bullets(notes)]
+        blocks += [Image(file, f"{text} {file}") for file in plots.get(text, [])]
+        doc.sections.append(Section(f"Runs with {text}", blocks))
+    missing = [c for c in claims if not any(r.claim.name == c.name for r in rows)]
+    if missing:
+        base = common_overrides(runs)
+        items = [f"{c.title} (section {c.section}): `{missing_command(c, base)}`" for c in missing]
+        doc.sections.append(Section("Claims without runs in this experiment, and the commands that add them",
+                                    [Bullets(items)]))  # fmt: skip
+    lost = sorted((r for r in runs if not r.finished), key=lambda r: (r.arm or "", r.seed or 0))
+    if lost:
+        table = Table(["run", "arm", "seed", "status", "why"], [
+            [f"{r.name} (`{r.run_id}`)", r.arm or "-", str(r.seed), r.status, r.why_not_finished()[:200]]
+            for r in lost
+        ])  # fmt: skip
+        doc.sections.append(Section("Runs that did not finish", [table]))
+    else:
+        doc.sections.append(Section("Runs that did not finish", ["None: every run finished."]))
+    per_seed = [
+        f"{row.claim.title}, {row.label} ({row.section}): "
+        + ", ".join(f"seed {s}: {v:+.2f}" if row.unit == "pp" else f"seed {s}: {v:.2f}x" for s, v in row.per_seed.items())
+        for row in rows
+        if row.per_seed
+    ]
+    if per_seed:
+        doc.sections.append(Section("Per-seed values", [Bullets(per_seed)]))
+    return doc
+
+
+def sections(rows: list[Row]) -> dict[str, list[Row]]:
+    grouped: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        grouped[row.section].append(row)
+    return dict(grouped)
+
+
+def missing_command(claim: Claim, base: str) -> str:
+    """The command that would add ``claim`` to this report: at the scale and on the data of its other runs."""
+    if claim.sweep:  # the sweep file names its arms and seeds
+        return " ".join(p for p in ("python src/train.py -m", f"+ablation={claim.sweep}", base) if p)
+    arms = ",".join(("paper", *claim.arms))
+    return " ".join(p for p in ("python src/train.py -m", f"arm={arms}", base, "seed=1,2,3") if p)

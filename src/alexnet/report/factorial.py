@@ -1,0 +1,113 @@
+"""A fractional factorial claim: every main effect and every two-factor alias chain the design separates,
+each main effect beside the paper's delta for its switch.
+
+A run is a point of the design when each factor's switches sit at the paper's level or at its arm's
+(alexnet.report.claims.arm_of's test, factor by factor); its seed is its replicate. Only complete
+replicates (every point of the design finished for that seed) enter, so the design stays orthogonal. The
+model, fitted image by image: a block per seed, the main effects, one column per alias chain. An effect is
+the mean at the paper's level minus the mean at the arm's level, in points of error (negative: the paper's
+choice is better), as for a one-switch delta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from alexnet.design import Design
+from alexnet.report import stats
+from alexnet.report.analysis import Row, Settings, errors, section_of
+from alexnet.report.claims import Claim, load_arm, load_claims, paper_values
+from alexnet.report.runs import RunRecord, by_context, command
+
+
+def signs(design: Design, run: RunRecord) -> str | None:
+    """The run's point of the design (``+-+...``), or None when a factor's switches sit at neither level."""
+    paper = paper_values()
+    out = []
+    for name in design.factors:
+        arm = load_arm(name)
+        values = {k: run.params.get(k, paper[k]) for k in arm.keys}
+        if all(values[k] == v for k, v in arm.values):
+            out.append("-")
+        elif all(values[k] == paper[k] for k in arm.keys):
+            out.append("+")
+        else:
+            return None
+    return "".join(out)
+
+
+def _reported(factor: str, metric: str) -> tuple[float | None, int, str]:
+    """The paper's delta for the switch an arm flips, with its direction and claim title."""
+    for claim in load_claims():
+        if claim.kind == "delta" and claim.arm == factor:
+            for m in claim.measures:
+                if m.metric == metric:
+                    return m.reported, claim.direction, claim.title
+            return None, claim.direction, claim.title
+    return None, -1, factor
+
+
+def rows(claim: Claim, runs: list[RunRecord], settings: Settings) -> list[Row]:
+    design = claim.design()
+    points = {design.signs(i): i for i in range(design.runs)}
+    ignore = frozenset().union(*(load_arm(f).keys for f in design.factors))
+    found: list[Row] = []
+    for context, group in by_context(runs, ignore).items():
+        members = [(r, signs(design, r)) for r in group]
+        members = [(r, s) for r, s in members if s in points]
+        by_seed: dict[int, dict[str, RunRecord]] = defaultdict(dict)
+        for run, point in members:  # oldest first: the newest run of a point wins
+            if run.finished and run.seed is not None:
+                by_seed[run.seed][point] = run
+        complete = sorted(s for s, got in by_seed.items() if len(got) == design.runs)
+        if not complete:
+            continue
+        ordered = [by_seed[s][design.signs(i)] for s in complete for i in range(design.runs)]
+        text = section_of(ordered[0]) + f", design {claim.sweep}"
+        lost = [r for r, _ in members if not r.finished]
+        partial = sorted(set(by_seed) - set(complete))
+        for measure in claim.measures:
+            found += _effects(claim, design, measure.metric, complete, ordered, context, text)
+            for row in found[-(len(design.factors) + len(design.interaction_chains)) :]:
+                row.not_finished = lost
+                if partial:
+                    row.notes.append(f"seeds {partial} have only part of the design: not used")
+    return found
+
+
+def _effects(
+    claim: Claim, design: Design, metric: str, seeds: list[int], ordered: list[RunRecord], context: str, text: str
+) -> list[Row]:
+    y, method = errors(ordered, [metric] * len(ordered))
+    k, chains = len(design.factors), design.interaction_chains
+    blocks = np.kron(np.eye(len(seeds)), np.ones((design.runs, 1)))
+    mains = np.tile(design.matrix, (len(seeds), 1)).astype(float)
+    pairs = np.stack([mains[:, c[0][0]] * mains[:, c[0][1]] for c in chains], axis=1)
+    x = np.hstack([blocks, mains, pairs])
+    base = len(seeds)
+    cmd = command(ordered, claim.sweep, seeds)
+    out = []
+    for j in range(k + len(chains)):
+        contrast = np.zeros(x.shape[1])
+        contrast[base + j] = 2.0  # an effect: the mean at + minus the mean at -
+        est = stats.crossed(y, x, contrast, seeds=len(seeds))
+        est.method = method + (", design" if method else "")
+        if j < k:
+            reported, direction, title = _reported(design.factors[j], metric)
+            label = f"main effect of {design.factors[j]} ({title}), {metric}"
+        else:
+            reported, direction, label = None, 0, f"interaction chain {design.chain_name(chains[j - k])}, {metric}"
+        row = Row(
+            claim=claim, label=label, section=text, context=context, estimate=est, reported=reported,
+            direction=direction, unit="pp", runs=ordered, command=cmd,
+        )  # fmt: skip
+        if j < k:
+            row.notes.append("a main effect: averaged over the other switches' levels, not at the paper's config")
+        out.append(row)
+    if method == "seeds only":
+        for row in out:
+            row.notes.append("no per-image test outcomes in these runs: the interval holds the runs' noise only")
+    return out if not math.isnan(out[0].estimate.mean) else []

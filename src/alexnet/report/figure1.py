@@ -1,0 +1,120 @@
+"""Figure 1's claim: ReLU reaches 25% training error about six times sooner than tanh, each net at the
+learning rate that trains it fastest.
+
+Each arm's learning rate (``claim.tune``) is chosen on the runs of the claim's ``selection_seeds`` and the
+ratio is measured on the other seeds, so that the choice does not flatter the runs it reports. A run that
+never reached the target counts as its ``trainer.max_epochs`` (censored), and so does a run that failed or
+diverged at that rate: a rate where some seeds blew up cannot win on its survivors. With a censored tanh run
+the ratio is a lower bound; with a censored ReLU run there is no verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from mlflow import MlflowClient
+
+from alexnet.report import stats
+from alexnet.report.analysis import Row
+from alexnet.report.claims import PAPER_ARM, Claim, Measure
+from alexnet.report.runs import RunRecord, command
+
+
+@dataclass
+class Curves:
+    """Training error per epoch of each arm's reported runs at its chosen rate, for the plot."""
+
+    context: str
+    curves: dict[str, list[list[tuple[int, float]]]]
+    target: float
+
+
+def epochs_to_target(run: RunRecord) -> tuple[float, bool]:
+    """Epochs to the target training error, and whether it is censored (never reached, or no result)."""
+    if run.finished and "final/epochs_to_target" in run.metrics:
+        return run.metrics["final/epochs_to_target"], False
+    return float(run.params.get("trainer.max_epochs", "nan")), True
+
+
+def _latest(runs: list[RunRecord]) -> dict[int, RunRecord]:
+    """One run per seed, finished or not: the newest (runs come oldest first)."""
+    return {r.seed: r for r in runs if r.seed is not None}
+
+
+def choose(claim: Claim, runs: list[RunRecord]) -> tuple[tuple[str, ...] | None, list[RunRecord], str]:
+    """(the fastest setting of ``claim.tune`` on the selection seeds, the reported runs at it, a note)."""
+    settings: dict[tuple[str, ...], list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        settings[tuple(r.params.get(k, "-") for k in claim.tune)].append(r)
+    selection = set(claim.selection_seeds)
+    held_out = any(r.seed in selection for r in runs)
+
+    def speed(setting: tuple[str, ...]) -> tuple[float, float]:
+        chosen = [r for s, r in _latest(settings[setting]).items() if not held_out or s in selection]
+        if not chosen:
+            return math.inf, math.inf
+        epochs = [epochs_to_target(r)[0] for r in chosen]
+        final = [r.metrics.get("final/train_top1_err", 1.0) for r in chosen]
+        return float(np.mean(epochs)), float(np.mean(final))
+
+    if not settings:
+        return None, [], ""
+    ranked = sorted(settings, key=speed)
+    best = ranked[0]
+    reported = [r for s, r in _latest(settings[best]).items() if not held_out or s not in selection]
+    tried = "; ".join(f"{','.join(s)}: {speed(s)[0]:.1f}" for s in ranked)
+    how = "on the selection seeds" if held_out else "on the reported runs themselves (optimistic)"
+    return best, reported, f"best {'/'.join(claim.tune)} = {','.join(best)} chosen {how} (mean epochs: {tried})"
+
+
+def ratio_row(
+    claim: Claim, measure: Measure, context: str, text: str, a: list[RunRecord], b: list[RunRecord],
+    client: MlflowClient | None,
+) -> tuple[Row, Curves | None]:  # fmt: skip
+    notes, chosen = [], {}
+    for name, runs in ((PAPER_ARM, a), (claim.arm, b)):
+        _, reported, note = choose(claim, runs)
+        chosen[name] = {r.seed: r for r in reported}
+        notes.append(f"{name}: {note}")
+    ea = {s: epochs_to_target(r) for s, r in chosen[PAPER_ARM].items()}
+    eb = {s: epochs_to_target(r) for s, r in chosen[claim.arm].items()}
+    seeds = sorted(ea.keys() & eb.keys())
+    per_seed = {s: eb[s][0] / ea[s][0] for s in seeds}
+    est = stats.log_ratio_estimate(list(per_seed.values()))
+    undecidable = None
+    if any(eb[s][1] for s in seeds):
+        notes.append(f"{claim.arm} did not reach the target in every run: the ratio is a lower bound")
+    if any(ea[s][1] for s in seeds):
+        undecidable = f"{PAPER_ARM} did not reach the target in every run: not comparable"
+        notes.append(undecidable)
+    used = [chosen[PAPER_ARM][s] for s in seeds] + [chosen[claim.arm][s] for s in seeds]
+    row = Row(
+        claim=claim, label=measure.label or measure.metric, section=text, context=context, estimate=est,
+        reported=measure.reported, direction=claim.direction, unit="x", runs=used, per_seed=per_seed,
+        command=command(a + b, claim.sweep, sorted({r.seed for r in a + b if r.seed is not None})),
+        notes=notes, undecidable=undecidable,
+    )  # fmt: skip
+    if client is None or not seeds:
+        return row, None
+    target = float(chosen[PAPER_ARM][seeds[0]].params.get("target_train_error", "0.25"))
+    curves = {
+        _label(name, chosen[name][seeds[0]], claim.tune): [_curve(client, chosen[name][s]) for s in seeds]
+        for name in (PAPER_ARM, claim.arm)
+    }
+    return row, Curves(context, curves, target)
+
+
+def _label(arm: str, run: RunRecord, tune: tuple[str, ...]) -> str:
+    setting = ", ".join(f"{k.split('.')[-1]} {run.params.get(k, '-')}" for k in tune[:1])
+    return f"{arm} arm: {run.params.get('model.activation', '?')}, {setting}"
+
+
+def _curve(client: MlflowClient, run: RunRecord) -> list[tuple[int, float]]:
+    # train/top1_err is logged once per epoch with step = the global step; its position is the epoch. The
+    # curve starts at chance error at epoch 0, as the time-to-target interpolation does.
+    history = sorted(client.get_metric_history(run.run_id, "train/top1_err"), key=lambda m: m.step)
+    chance = 1.0 - 1.0 / int(run.params.get("model.num_classes", "10"))
+    return [(0, chance)] + [(i + 1, m.value) for i, m in enumerate(history)]

@@ -1,0 +1,166 @@
+"""What every task (``src/train.py``, ``src/eval.py``) needs around its Lightning calls: the checks before
+anything runs, the parts built from the config, and the life of the job's MLflow run.
+
+- ``prepare``: a factorial run's switches applied, the data probed (its classes and fingerprint), every key
+  checked; all before a run is opened, so a mistake costs one line and no run.
+- ``build``: data, network, LightningModule, callbacks (config group ``conf/callbacks/``) and Trainer.
+- ``tracked``: the run's end: FINISHED when the work returns, FAILED with the error (or KILLED, or PRUNED)
+  when it raises; the per-config lock released either way.
+- ``entry``: the Hydra ``main`` wrapper: a person's mistake (``UserError``) is one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from alexnet import ddp, design, devices, search, tracking
+from alexnet.config import CheckedConfig, DataConfig, _typed, check_config
+from alexnet.data import AlexNetDataModule, DataFacts, probe
+from alexnet.errors import Diverged, UserError
+from alexnet.model import build_network
+from alexnet.module import AlexNetModule
+
+log = logging.getLogger(__name__)
+
+
+def job_info() -> dict[str, Any]:
+    """What Hydra knows about this job: its number in a sweep, its overrides, its folders, and the sweep's
+    own command line (its multirun.yaml), which names the sweep's parent run."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    info: dict[str, Any] = {
+        "num": hc.job.num if multirun else 0,
+        "overrides": list(hc.overrides.task),
+        "output_dir": hc.runtime.output_dir,
+        "sweep_dir": hc.sweep.dir if multirun else None,
+    }
+    saved = Path(hc.sweep.dir) / "multirun.yaml" if multirun else None
+    if saved is not None and saved.is_file():
+        info["sweep_overrides"] = list(OmegaConf.load(saved).hydra.overrides.task)
+    return info
+
+
+@dataclass
+class Prepared:
+    """A job's config after every check: the config itself (a factorial run's switches applied), its typed
+    sections, what its data is, and what Hydra knows about the job."""
+
+    cfg: DictConfig
+    checked: CheckedConfig
+    facts: DataFacts
+    job: dict[str, Any]
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Everything that can be wrong with a job, found before any run is opened or any weight allocated."""
+    cfg = design.apply_run(cfg)
+    if cfg.data.get("num_classes") is None or cfg.data.get("test_split") is None:
+        # data=folder leaves them to the folders: look there first, then check everything.
+        facts = probe(_typed("data", DataConfig, OmegaConf.to_container(cfg.data, resolve=True)))
+        with open_dict(cfg):
+            cfg.data.num_classes = cfg.data.num_classes or facts.num_classes
+            cfg.data.test_split = cfg.data.test_split or facts.test_split
+        checked = check_config(cfg)
+    else:  # the cheap checks first
+        checked = check_config(cfg)
+        facts = probe(checked.data)
+    search.check_run_mode(cfg)
+    ddp.check_launcher(checked.devices)
+    return Prepared(cfg, checked, facts, job_info())
+
+
+@dataclass
+class Parts:
+    datamodule: AlexNetDataModule
+    module: AlexNetModule
+    trainer: L.Trainer
+    checkpoints: ModelCheckpoint
+
+
+def build(p: Prepared, logger: Any, checkpoint_dir: Path, provenance: dict[str, Any]) -> Parts:
+    """Data, network, module, callbacks and Trainer from the config. ``logger`` is the job's MLflow logger
+    (None in the other processes of a DDP job, which log nothing). Every process builds the same parts."""
+    cfg, checked = p.cfg, p.checked
+    L.seed_everything(cfg.seed, workers=True)
+    place = devices.placement(checked.devices, accelerator=str(cfg.trainer.accelerator))
+    module = AlexNetModule(
+        place.network(build_network(checked.model, seed=cfg.seed)),
+        num_classes=checked.model.num_classes,
+        optimizer=checked.optimizer,
+        target_train_error=cfg.target_train_error,
+        stop_at_target=cfg.stop_at_target,
+        provenance=provenance,
+    )
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    checkpoints = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    checkpoints.dirpath = str(checkpoint_dir)
+    if logger is None:  # callbacks that log need a logger: rank 0's job
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    else:
+        callbacks += search.trial_callbacks(cfg, logger)  # reports to the Optuna trial when the job is one
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=logger or False,
+        callbacks=callbacks,
+        default_root_dir=p.job["output_dir"],
+        **place.trainer_args,
+    )
+    return Parts(AlexNetDataModule(checked.data, seed=cfg.seed), module, trainer, checkpoints)
+
+
+def provenance(p: Prepared, run_id: str | None) -> dict[str, Any]:
+    """What every checkpoint carries: its run, and the resolved config it was trained with (masked)."""
+    config = OmegaConf.to_container(p.cfg, resolve=True, enum_to_str=True)
+    config.pop("hydra", None)
+    for key in ("logger", "paths"):
+        config.pop(key, None)
+    return {"run_id": run_id, "config": config, "fingerprint": p.facts.fingerprint}
+
+
+@contextmanager
+def tracked(run: tracking.TrackedRun) -> Iterator[None]:
+    """The run's end, whatever the work inside does."""
+    logger = run.logger
+    try:
+        yield
+        tracking.finish(logger)
+    except search.TrialPruned as err:  # the study's pruner stopped this trial: not a failure
+        search.mark_pruned(logger, err)
+        raise
+    except Diverged as err:
+        logger.experiment.set_tag(run.run_id, "diverged", "true")
+        tracking.mark_failed(logger, err)
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:
+        tracking.mark_failed(logger, err, status="KILLED")
+        raise
+    except BaseException as err:
+        tracking.mark_failed(logger, err)
+        raise
+    finally:
+        run.release()  # when the job ends, not the process: a sweep runs its jobs in one process
+
+
+def entry(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a Hydra task: passwords in URLs masked in every log line, and a person's mistake (a config
+    value, missing data, an unreachable server) printed as one line, which also stops a sweep: every other
+    job would meet it too."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, tracking.SecretFilter) for f in handler.filters):
+            handler.addFilter(tracking.SecretFilter())
+    try:
+        return task(cfg)
+    except UserError as err:
+        raise SystemExit(f"{err.label}: {tracking.mask_secrets(str(err))}") from None
