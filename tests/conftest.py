@@ -1,21 +1,26 @@
 """Shared fixtures: the real config composed with Hydra's compose API, the real CIFAR-10 beside the project,
-and `python src/train.py` run as a user runs it, against a temporary MLflow store."""
+`python src/train.py` run as a user runs it against a temporary MLflow store, and a job killed mid-run."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+import alexnet.config  # noqa: F401 - registers the config schemas with Hydra before any test composes
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "src" / "train.py"
-# The real data set every developer and CI has beside the checkout (ImageFolder layout, JPEG files).
-SHARED_DATA = Path(os.environ.get("ALEXNET_TEST_DATA_DIR", ROOT.parent / "shared" / "data"))
+# The real data set every developer and CI has beside the checkout (ImageFolder layout, JPEG files): the
+# folder that holds cifar10/, as for src/train.py.
+SHARED_DATA = Path(os.environ.get("ALEXNET_DATA_DIR", ROOT.parent / "shared" / "data"))
 CIFAR10 = SHARED_DATA / "cifar10"
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -24,9 +29,12 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 @pytest.fixture
 def cifar10_root() -> Path:
     if not (CIFAR10 / "train").is_dir():
-        pytest.skip(
-            f"real CIFAR-10 not found at {CIFAR10} (set ALEXNET_TEST_DATA_DIR to the folder holding cifar10/)"
+        message = (
+            f"real CIFAR-10 not found at {CIFAR10} (set ALEXNET_DATA_DIR to the folder holding cifar10/)"
         )
+        if os.environ.get("ALEXNET_REQUIRE_DATA"):  # CI: a missing data set must fail, not skip quietly
+            pytest.fail(message)
+        pytest.skip(message)
     return CIFAR10
 
 
@@ -81,11 +89,43 @@ class TrainRun:
             )
         return proc
 
-    def runs(self, experiment: str = "alexnet"):
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
+    def runs(self, experiment: str | None = None, parents: bool = False):
+        """The training runs of ``experiment`` (default: every experiment of this store), oldest first;
+        with ``parents``, also the sweeps' parent runs."""
+        exps = (
+            [self.client.get_experiment_by_name(experiment)]
+            if experiment
+            else self.client.search_experiments()
+        )
+        ids = [e.experiment_id for e in exps if e is not None]
+        if not ids:
             return []
-        return self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+        runs = self.client.search_runs(ids, order_by=["attributes.start_time ASC"])
+        return [r for r in runs if parents or "alexnet.sweep" not in r.data.tags]
+
+    def start(self, *overrides: str, multirun: bool = False) -> subprocess.Popen:
+        """train.py in the background, in its own process group (so that a kill takes all its processes)."""
+        args, env = self.command(*overrides, multirun=multirun)
+        quiet = subprocess.DEVNULL
+        return subprocess.Popen(
+            args, cwd=self.tmp, env=env, stdout=quiet, stderr=quiet, start_new_session=True
+        )
+
+    def kill_after_first_checkpoint(
+        self, proc: subprocess.Popen, run_filter=None, timeout: float = 400
+    ) -> None:
+        """SIGKILL the whole job as soon as one epoch of a run (the first that ``run_filter`` accepts) is
+        checkpointed: the next epoch is then under way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            runs = [r for r in self.runs() if run_filter is None or run_filter(r)]
+            if runs and (self.tmp / "checkpoints" / runs[0].info.run_id / "last.ckpt").is_file():
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture

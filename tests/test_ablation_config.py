@@ -9,9 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from alexnet import design
 from alexnet.config import ConfigError, check_config
-from alexnet.report import load_arm, load_claims
-from alexnet.tracking import flatten
+from alexnet.identity import flatten
+from alexnet.report.claims import load_arm, load_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (ROOT / "conf" / "ablation").glob("*.yaml"))
@@ -41,25 +42,32 @@ def compose_sweep(*overrides: str, hydra: bool = True):
 def test_every_sweep_arm_composes_and_passes_the_check(sweep: str, preset: str, tmp_path: Path):
     cfg = compose_sweep(f"+ablation={sweep}", f"experiment={preset}", f"paths.data_dir={tmp_path}")
     params = cfg.hydra.sweeper.params
-    assert params.seed == "1,2,3"
-    arms = params.arm.split(",")
-    assert "paper" in arms and set(arms) <= set(ARMS)
-    for arm in arms:
+    if sweep == "factorial":  # its jobs are the runs of a design, not arms
+        jobs = [f"design.run={run}" for run in range(design.design_of(cfg.design).runs)]
+        assert params["design.run"] == f"range(0,{len(jobs)})"
+    else:
+        assert set(params.seed.split(",")) >= {"1", "2", "3"}
+        arms = ARMS if params.arm == "glob(*)" else params.arm.split(",")
+        assert "paper" in arms and set(arms) <= set(ARMS)
+        jobs = [f"arm={arm}" for arm in arms]
+    for arm_or_run in jobs:
         job = compose_sweep(
             f"+ablation={sweep}",
             f"experiment={preset}",
-            f"arm={arm}",
+            arm_or_run,
             f"paths.data_dir={tmp_path}",
             hydra=False,
         )
+        job = design.apply_run(job)
         if sweep == "figure1" and preset == "imagenet":  # a CIFAR-10 protocol: refused before training
             with pytest.raises(ConfigError, match="model.input_size=227"):
                 check_config(job)
             continue
         check_config(job)
         assert job.logger.experiment_name == f"ablation_{preset}"
-        expected = load_arm(arm)
-        assert (job.ablation.factor, job.ablation.level) == (expected.factor, expected.level)
+        if sweep != "factorial":
+            expected = load_arm(arm_or_run.split("=")[1])
+            assert (job.ablation.factor, job.ablation.level) == (expected.factor, expected.level)
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -71,14 +79,32 @@ def test_an_arm_flips_only_its_own_switches(arm: str):
     assert changed == set(load_arm(arm).keys)
 
 
-def test_every_claim_has_a_sweep_and_its_arm_is_swept():
-    sweeps = {s: compose_sweep(f"+ablation={s}").hydra.sweeper.params.arm.split(",") for s in SWEEPS}
-    everything = set(sweeps["paper"])
+def test_every_arm_of_a_claim_is_swept_by_the_paper_sweep():
+    assert compose_sweep("+ablation=paper").hydra.sweeper.params.arm == "glob(*)"  # every arm, new ones too
+    figure1 = compose_sweep("+ablation=figure1").hydra.sweeper.params
     for claim in load_claims():
         if claim.name == "figure1":
-            assert claim.arm in sweeps["figure1"]
-        elif claim.arm:
-            assert claim.arm in everything, f"+ablation=paper does not run {claim.arm}"
+            assert claim.arm in figure1.arm.split(",")
+            assert set(claim.selection_seeds) <= {int(s) for s in figure1.seed.split(",")}
+        for arm in claim.arms:
+            assert arm in ARMS
+
+
+def test_the_factorial_design_is_resolution_iv_over_the_binary_switches():
+    """16 runs, every factor an arm, run 15 the paper's config, the 7 interaction chains of three."""
+    cfg = compose_sweep("+ablation=factorial", "experiment=cpu")
+    d = design.design_of(cfg.design)
+    assert (d.runs, d.resolution, len(d.interaction_chains)) == (16, 4, 7)
+    assert all(len(chain) == 3 for chain in d.interaction_chains)
+    assert d.signs(15) == "+" * 7 and d.signs(0) == "-" * 7
+    paper = flatten(compose_sweep("experiment=cpu", "arm=paper", hydra=False))
+    job = flatten(
+        design.apply_run(compose_sweep("+ablation=factorial", "experiment=cpu", "design.run=15", hydra=False))
+    )
+    same = {k: v for k, v in job.items() if not k.startswith(("ablation.", "design.", "hydra."))}
+    assert same == {k: v for k, v in paper.items() if not k.startswith(("ablation.", "hydra."))}
+    with pytest.raises(ConfigError, match="design.run"):
+        design.apply_run(compose_sweep("+ablation=factorial", "experiment=cpu", "design.run=16", hydra=False))
 
 
 def test_figure1_protocol_has_no_regularization_and_stops_at_the_target(tmp_path: Path):

@@ -9,19 +9,11 @@ import pytest
 import torch
 
 from alexnet.config import DataConfig, Dataset
-from alexnet.data import (
-    AlexNetDataModule,
-    PixelStats,
-    cached_stats,
-    decode_files,
-    pca_color_offsets,
-    random_crops,
-    random_flips,
-    ten_views,
-    tensor_key,
-)
+from alexnet.data import AlexNetDataModule, EpochShuffle, cached_stats, decode_files, tensor_key
 from alexnet.model import AlexNet
 from alexnet.module import AlexNetModule
+from alexnet.presets import Draws, PixelStats, pca_color_offsets, random_crops, random_flips, ten_views
+from alexnet.seeding import generator
 
 
 def random_images(n: int, size: int = 32) -> torch.Tensor:
@@ -103,6 +95,29 @@ def test_augmentation_is_deterministic_under_a_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_two_arms_of_one_seed_see_the_same_images_in_the_same_order_with_the_same_draws():
+    """Common random numbers: the data order and the crop, mirror and colour draws of an epoch come from the
+    run seed's own streams, so an arm without PCA noise still gets the paper arm's crops and mirrors, and
+    every arm the same order; the next epoch and another seed differ."""
+    order = EpochShuffle(500, seed=3)
+    order.set_epoch(2)
+    again = EpochShuffle(500, seed=3)
+    again.set_epoch(2)
+    assert list(order) == list(again)
+    again.set_epoch(3)
+    assert list(order) != list(again)
+    assert list(order) != list(EpochShuffle(500, seed=4))
+    paper, no_pca = module_for(), module_for(pca_color=False)
+    images = paper.train_set.images[:16]
+    draws = Draws.new(16, paper.preset.offsets, generator(3, "augment", 0, 0))
+    same = Draws.new(16, paper.preset.offsets, generator(3, "augment", 0, 0))
+    assert all(torch.equal(a, b) for a, b in zip(vars(draws).values(), vars(same).values(), strict=True))
+    with_noise, without = paper.preset.train(images, draws), no_pca.preset.train(images, same)
+    offset = with_noise - without  # only the colour offset differs: the same crop and mirror underneath
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-5)
+    assert offset.abs().max() > 0
+
+
 def test_pca_statistics_match_numpy_on_real_cifar10(cifar10_root: Path):
     files = (
         sorted((cifar10_root / "train" / "ship").iterdir())[:200]
@@ -125,7 +140,7 @@ def test_pca_offsets_have_the_intended_covariance(cifar10_root: Path):
     stats = PixelStats.of(decode_files(sorted((cifar10_root / "test" / "bird").iterdir())[:300]))
     torch.manual_seed(0)
     sigma = 0.1
-    offsets = pca_color_offsets(stats, sigma, 400_000, torch.device("cpu")).double()
+    offsets = pca_color_offsets(stats, sigma, torch.randn(400_000, 3)).double()
     # offset = P (a * l) with a_i ~ N(0, sigma): covariance P diag((sigma * l)^2) P^T, mean 0.
     p, lam = stats.eigvecs.double(), stats.eigvals.double()
     expected = p @ torch.diag((sigma * lam) ** 2) @ p.T

@@ -4,11 +4,8 @@ and the speed benchmark runs."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -16,16 +13,16 @@ import lightning.pytorch.strategies.strategy as lightning_strategy
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from omegaconf import OmegaConf
 from torch import nn
 
 import alexnet.devices as devices_module
-from alexnet.config import CheckedConfig, ConfigError, DataConfig, Dataset, check_config, plain
+from alexnet import ddp
+from alexnet.config import CheckedConfig, ConfigError, DataConfig, Dataset, check_config
 from alexnet.data import AlexNetDataModule
-from alexnet.devices import ColumnParallelStrategy, keep_state_with_parameters, placement
-from alexnet.model import AlexNet, TwoDeviceAlexNet, build_network
+from alexnet.devices import ColumnParallelStrategy, TwoDeviceAlexNet, keep_state_with_parameters, placement
+from alexnet.identity import run_key
+from alexnet.model import AlexNet, build_network
 from alexnet.module import AlexNetModule
-from alexnet.tracking import run_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
@@ -39,18 +36,30 @@ def grouped_grads(split: TwoDeviceAlexNet, grouped: AlexNet) -> dict[str, torch.
         if layer == "fc8":
             grads[name] = getattr(split.fc8, kind).grad
         else:
-            halves = [getattr(getattr(col, layer), kind).grad for col in (split.column_a, split.column_b)]
+            halves = [getattr(col.layers[layer], kind).grad for col in (split.column_a, split.column_b)]
             grads[name] = torch.cat(halves)
     return grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("input_size", [32, 227])
-@pytest.mark.parametrize("pool", ["overlapping", "non_overlapping"])
-def test_two_devices_compute_the_grouped_function(dtype: torch.dtype, input_size: int, pool: str):
-    """Same weights, same outputs and same gradients (of the weights and of the input), LRN on."""
+SPLIT_CASES = [("overlapping", None), ("non_overlapping", None), ("overlapping", "conv3"), ("overlapping", "conv5")]
+
+
+@pytest.mark.parametrize(("pool", "removed"), SPLIT_CASES)
+def test_two_devices_compute_the_grouped_function(dtype: torch.dtype, input_size: int, pool: str, removed):
+    """Same weights, same outputs and same gradients (of the weights and of the input), LRN on; also without
+    conv3 (the columns then cross only at the FC layers) or conv5."""
     torch.manual_seed(0)
-    grouped = AlexNet(10, input_size, pool=pool, lrn=True, dropout=0.0, width=0.125).to(dtype)
+    grouped = AlexNet(
+        num_classes=10,
+        input_size=input_size,
+        pool=pool,
+        lrn=True,
+        dropout=0.0,
+        width=0.125,
+        removed_conv=removed,
+    ).to(dtype)
     split = TwoDeviceAlexNet(grouped, devices=("cpu", "cpu"))
     x = torch.randn(2, 3, input_size, input_size, dtype=dtype)
     labels = torch.tensor([1, 9])
@@ -69,7 +78,11 @@ def test_two_devices_compute_the_grouped_function(dtype: torch.dtype, input_size
 
 def test_two_devices_in_eval_mode_with_dropout_and_average_pooling():
     torch.manual_seed(1)
-    grouped = AlexNet(10, 32, pool_type="avg", activation="tanh", dropout=0.5, width=0.25).double().eval()
+    grouped = (
+        AlexNet(num_classes=10, input_size=32, pool_type="avg", activation="tanh", dropout=0.5, width=0.25)
+        .double()
+        .eval()
+    )
     split = TwoDeviceAlexNet(grouped).eval()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(split(x), grouped(x), **TOLERANCE[torch.float64])
@@ -77,10 +90,10 @@ def test_two_devices_in_eval_mode_with_dropout_and_average_pooling():
 
 def test_grouped_state_dict_gives_the_same_weights_back():
     torch.manual_seed(2)
-    grouped = AlexNet(10, 227, width=0.125)
+    grouped = AlexNet(num_classes=10, input_size=227, width=0.125)
     split = TwoDeviceAlexNet(grouped)
     assert sum(p.numel() for p in split.parameters()) == sum(p.numel() for p in grouped.parameters())
-    fresh = AlexNet(10, 227, width=0.125)
+    fresh = AlexNet(num_classes=10, input_size=227, width=0.125)
     fresh.load_state_dict(split.grouped_state_dict())
     for (name, a), (_, b) in zip(grouped.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -88,13 +101,13 @@ def test_grouped_state_dict_gives_the_same_weights_back():
 
 def test_two_devices_need_the_two_column_net():
     with pytest.raises(ValueError, match="columns=2"):
-        TwoDeviceAlexNet(AlexNet(10, 32, columns=1, width=0.125))
+        TwoDeviceAlexNet(AlexNet(num_classes=10, input_size=32, columns=1, width=0.125))
 
 
 def test_each_column_lives_on_its_own_device():
     """Column B on a second device (the meta device: parameters without storage) and column A, with fc8, on
     the first; the forward's exchanges are exercised on the CPU by the equivalence tests above."""
-    net = TwoDeviceAlexNet(AlexNet(10, 32, width=0.125), devices=("cpu", "meta"))
+    net = TwoDeviceAlexNet(AlexNet(num_classes=10, input_size=32, width=0.125), devices=("cpu", "meta"))
     assert {p.device.type for p in net.column_a.parameters()} == {"cpu"}
     assert {p.device.type for p in net.fc8.parameters()} == {"cpu"}
     assert {p.device.type for p in net.column_b.parameters()} == {"meta"}
@@ -160,7 +173,9 @@ def test_lightning_keeps_the_columns_on_their_devices_in_fit_test_and_resume(mon
         )  # fmt: skip
 
     L.seed_everything(0)
-    module = AlexNetModule(TwoDeviceAlexNet(AlexNet(10, 32, width=0.125), ("cpu", "cpu")), num_classes=10)
+    module = AlexNetModule(
+        TwoDeviceAlexNet(AlexNet(num_classes=10, input_size=32, width=0.125), ("cpu", "cpu")), num_classes=10
+    )
     calls.clear()
     first = trainer(1)
     first.fit(module, datamodule=tiny_data())
@@ -170,7 +185,9 @@ def test_lightning_keeps_the_columns_on_their_devices_in_fit_test_and_resume(mon
     first.save_checkpoint(checkpoint)
     weights = {k: v.clone() for k, v in module.state_dict().items()}
 
-    resumed = AlexNetModule(TwoDeviceAlexNet(AlexNet(10, 32, width=0.125), ("cpu", "cpu")), num_classes=10)
+    resumed = AlexNetModule(
+        TwoDeviceAlexNet(AlexNet(num_classes=10, input_size=32, width=0.125), ("cpu", "cpu")), num_classes=10
+    )
     second = trainer(2)
     second.fit(resumed, datamodule=tiny_data(), ckpt_path=checkpoint, weights_only=True)
     assert second.current_epoch == 2 and second.global_step == 4  # went on from the first epoch
@@ -188,7 +205,7 @@ class NaNLoss(nn.CrossEntropyLoss):
 def test_a_diverged_step_changes_no_weight(tmp_path: Path):
     """The step whose loss is NaN still runs its backward (DDP's all-reduce needs it) but updates nothing."""
     L.seed_everything(0)
-    module = AlexNetModule(AlexNet(10, 32, width=0.125), num_classes=10)
+    module = AlexNetModule(AlexNet(num_classes=10, input_size=32, width=0.125), num_classes=10)
     module.criterion = NaNLoss()
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
     trainer = L.Trainer(
@@ -242,19 +259,15 @@ def test_devices_switch_sets_the_trainer(compose_cfg):
         split.trainer_args["strategy"], ColumnParallelStrategy
     )
     assert split.columns == (torch.device("cpu"), torch.device("cpu"))
-    assert isinstance(split.network(AlexNet(10, 32, width=0.125)), TwoDeviceAlexNet)
+    assert isinstance(split.network(AlexNet(num_classes=10, input_size=32, width=0.125)), TwoDeviceAlexNet)
     # The same values that the Trainer would get anyway are accepted.
     check_config(compose_cfg("devices=ddp", "devices.count=2", "trainer.devices=2", "trainer.strategy=ddp"))
 
 
-def test_one_device_runs_keep_the_digest_they_had_before_the_devices_group(compose_cfg):
-    """Runs tracked before the devices group existed (trainer.devices=1, no strategy, no devices keys) are
-    still found by a rerun on one device; the other layouts are separate runs."""
-    cfg = compose_cfg("seed=3")
-    before = OmegaConf.to_container(cfg)
-    del before["devices"], before["trainer"]["strategy"]
-    before["trainer"]["devices"] = 1
-    assert run_key(cfg) == run_key(OmegaConf.create(before))
+def test_where_and_how_the_net_runs_is_not_the_experiment_but_the_split_form_is(compose_cfg):
+    """The memory layout never changes what is trained (one run key); model parallel and DDP are runs of
+    their own (a model-parallel checkpoint has another form)."""
+    assert run_key(compose_cfg("seed=3")) == run_key(compose_cfg("seed=3", "devices.channels_last=false"))
     keys = {run_key(compose_cfg("seed=3", f"devices={mode}")) for mode in ("one", "model_parallel", "ddp")}
     assert len(keys) == 3
 
@@ -269,7 +282,7 @@ def test_a_sweep_job_is_relaunched_as_itself():
         "hydra/launcher=basic",
         "hydra.searchpath=[file:///c]",
     ]
-    argv = devices_module._single_run_argv(argv, hydra, ["seed=2", "devices=ddp"])
+    argv = ddp._single_run_argv(argv, hydra, ["seed=2", "devices=ddp"])
     kept = ["src/train.py", "-cn", "train", "--config-dir=/x", "hydra.searchpath=[file:///c]"]
     assert argv == [*kept, "seed=2", "devices=ddp"]
 
@@ -296,7 +309,7 @@ def load_grouped(checkpoint: Path, checked: CheckedConfig) -> AlexNet:
     """A run's checkpoint as the one-device grouped net (a model-parallel checkpoint converted back)."""
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    net = build_network(**plain(checked.model))
+    net = build_network(checked.model)
     if any(k.startswith("column_a.") for k in weights):
         split = TwoDeviceAlexNet(net)
         split.load_state_dict(weights)
@@ -390,15 +403,7 @@ def test_killed_model_parallel_job_resumes_with_the_same_result(train_run, tmp_p
     reference(*job)
     (expected,) = reference.runs()
 
-    args, env = train_run.command(*job)
-    proc = subprocess.Popen(args, cwd=train_run.tmp, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not list((train_run.tmp / "checkpoints").glob("*/last.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    train_run.kill_after_first_checkpoint(train_run.start(*job))
     train_run(*job)  # the same command again: resumes from last.ckpt into the same run
     (run,) = train_run.runs()
     assert run.info.status == "FINISHED" and run.data.tags["attempts"] == "2"

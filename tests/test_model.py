@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet.model import AlexNet, Figure1CNN, LocalResponseNorm, build_network
+from alexnet.model import AlexNet, Figure1CNN, LocalResponseNorm, ModelConfig, build_network
 
 # Sizes of the maps after conv1, pool1, pool2 and pool5 (section 3.5: 55, 27, 13, 6).
 MAP_SIDES = {227: [55, 27, 13, 6], 32: [32, 16, 8, 4]}
@@ -191,7 +191,9 @@ def test_switches_build_the_named_layers():
 
 def test_figure1_net_is_the_four_layer_cifar_net():
     net = build_network(
-        "figure1_cnn", num_classes=10, input_size=32, activation="tanh", dropout=0.0, columns=1
+        ModelConfig(
+            arch="figure1_cnn", num_classes=10, input_size=32, activation="tanh", dropout=0.0, columns=1
+        )
     )
     assert isinstance(net, Figure1CNN)
     weighted = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -207,3 +209,45 @@ def test_figure1_net_is_the_four_layer_cifar_net():
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="one-column"):
         Figure1CNN(columns=2)
+
+
+@pytest.mark.parametrize("input_size", [32, 227])
+@pytest.mark.parametrize("columns", [1, 2])
+@pytest.mark.parametrize("removed", ["conv3", "conv4", "conv5"])
+def test_removing_a_middle_conv_layer_keeps_every_shape_valid(input_size: int, columns: int, removed: str):
+    """Section 6's depth claim: the layers after the removed one take the maps of the layer before it, the
+    maps keep their sizes, and the network still computes, in both columns, at 32 and at 227."""
+    net = AlexNet(num_classes=10, input_size=input_size, columns=columns, removed_conv=removed, width=0.125)
+    names = [n for n, m in net.features.named_children() if isinstance(m, nn.Conv2d)]
+    assert names == [c for c in ("conv1", "conv2", "conv3", "conv4", "conv5") if c != removed]
+    x = torch.randn(2, 3, input_size, input_size)
+    with torch.no_grad():
+        assert net(x).shape == (2, 10)
+    assert map_sides(net, x) == MAP_SIDES[input_size]
+    full = AlexNet(num_classes=10, input_size=input_size, columns=columns, width=0.125)
+    assert count(net) < count(full)
+    if columns == 2 and removed != "conv3":
+        assert net.features.conv3.groups == 1  # the columns still cross at conv3
+
+
+def test_a_removed_layer_is_refused_for_figure1s_net():
+    with pytest.raises(ValueError, match="removed_conv"):
+        ModelConfig(arch="figure1_cnn", input_size=32, columns=1, dropout=0.0, removed_conv="conv3")
+
+
+def test_layers_an_arm_does_not_reshape_start_from_the_same_weights():
+    """Common random numbers: with the same seed, a layer keeps its initial weights across arms whenever
+    its shape is the same (tanh only rescales the same normal draws by its gain); another seed differs."""
+    paper = dict(AlexNet(input_size=32, width=0.25, seed=7).named_parameters())
+    no_lrn = dict(AlexNet(input_size=32, width=0.25, lrn=False, seed=7).named_parameters())
+    tanh = dict(AlexNet(input_size=32, width=0.25, activation="tanh", seed=7).named_parameters())
+    one_column = dict(AlexNet(input_size=32, width=0.25, columns=1, seed=7).named_parameters())
+    other_seed = dict(AlexNet(input_size=32, width=0.25, seed=8).named_parameters())
+    for name, weight in paper.items():
+        assert torch.equal(weight, no_lrn[name]), name
+        if weight.dim() > 1 and name != "classifier.fc8.weight":  # fc8's gain is linear in both
+            assert torch.allclose(tanh[name] * (2**0.5) / (5 / 3), weight, atol=1e-6), name
+        assert not torch.equal(weight, other_seed[name]) or weight.abs().sum() == 0, name
+    shared = [n for n in paper if one_column[n].shape == paper[n].shape]
+    assert shared == [n for n in paper if n.startswith(("features.conv5", "classifier"))]
+    assert all(torch.equal(paper[n], one_column[n]) for n in shared)

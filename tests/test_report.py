@@ -1,48 +1,79 @@
-"""The measured-vs-reported report: known numbers in an MLflow store give known deltas, intervals and
-verdicts; a real toy multirun (with one failing job) gives a report that shows the gap."""
+"""The measured-vs-reported report: an MLflow store with known per-image outcomes gives known effects,
+intervals, verdicts (raw and after Holm) and power; real toy multiruns (one claim with a failing job, and a
+whole factorial design) give reports that show them."""
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
-from scipy import stats
+from scipy import stats as scipy_stats
 
-from alexnet.report import ROOT, load_claims, make_report, t_interval, verdict
+from alexnet.report import ROOT, make_report
+from alexnet.report.claims import load_claims
+from alexnet.tracking import OUTCOMES_ARTIFACT, labels_digest
 
-T2 = stats.t.ppf(0.975, 2)  # 4.303: the 95% t quantile for 3 seeds
-
-BASE = {  # the paper arm's parameters, as train.py logs them (every value a string)
+IMAGES = 2000
+BASE = {  # the paper arm's experiment params, as train.py logs them (every value a string)
     "model.arch": "alexnet",
     "data.dataset": "cifar10",
+    "data.fingerprint": "0123456789abcdef",
     "model.input_size": "32",
     "model.width": "0.25",
-    "data.train_size": "8000",
-    "trainer.max_epochs": "5",
+    "trainer.max_epochs": "6",
     "optimizer.lr": "0.01",
     "model.lrn": "True",
     "model.pool": "overlapping",
     "model.activation": "relu",
-    "data.root": "/somewhere/cifar10",
+    "model.columns": "2",
 }
+LABELS = np.arange(IMAGES) % 10
 
 
-def log_run(client, exp_id, factor, level, seed, params, metrics, status="FINISHED", tags=None):
-    run = client.create_run(
-        exp_id,
-        run_name=f"{factor}={level} seed={seed}",
-        tags={"ablation.factor": factor, "ablation.level": level, "seed": str(seed), **(tags or {})},
-    )
+def outcomes(errors: np.ndarray) -> dict[str, np.ndarray]:
+    wrong = errors.astype(bool)
+    return {"top1_1crop": ~wrong, "top5_1crop": np.ones(IMAGES, bool), "top1_10crop": ~wrong,
+            "top5_10crop": np.ones(IMAGES, bool)}  # fmt: skip
+
+
+def log_run(client, exp_id, seed, params, errors=None, status="FINISHED", tags=None, metrics=None):
+    """A run as train.py leaves it: params, the test metrics, and (given ``errors``, 0/1 per test image) the
+    per-image outcomes artifact."""
+    run = client.create_run(exp_id, tags={"seed": str(seed), **(tags or {})})
+    run_id = run.info.run_id
     for key, value in {**params, "seed": str(seed)}.items():
-        client.log_param(run.info.run_id, key, value)
-    for key, value in metrics.items():
-        client.log_metric(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id, status)
-    return run.info.run_id
+        client.log_param(run_id, key, value)
+    if errors is not None:
+        client.log_metric(run_id, "test/top1_err_1crop", float(errors.mean()))
+        client.log_metric(run_id, "test/top1_err_10crop", float(errors.mean()))
+        client.log_metric(run_id, "test/top5_err_1crop", 0.0)
+        client.log_metric(run_id, "test/top5_err_10crop", 0.0)
+        buffer = io.BytesIO()
+        packed = {k: np.packbits(v) for k, v in outcomes(errors).items()}
+        np.savez_compressed(buffer, images=np.int64(IMAGES), labels_sha=labels_digest(LABELS), **packed)
+        path = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / OUTCOMES_ARTIFACT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue())
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def errors_with(rng, rate: float, shared: np.ndarray | None = None, flip: float = 0.0) -> np.ndarray:
+    """0/1 errors at about ``rate``; with ``shared``, the same images wrong except a fraction ``flip``."""
+    if shared is None:
+        return (rng.random(IMAGES) < rate).astype(float)
+    out = shared.copy()
+    change = rng.random(IMAGES) < flip
+    out[change] = (rng.random(change.sum()) < rate).astype(float)
+    return out
 
 
 @pytest.fixture
@@ -50,227 +81,220 @@ def known_store(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("known", artifact_location=str(tmp_path / "artifacts"))
-    paper = {1: 0.40, 2: 0.42, 3: 0.41}
-    for seed, err in paper.items():
-        log_run(
-            client,
-            exp,
-            "paper",
-            "paper",
-            seed,
-            BASE,
-            {
-                "test/top1_err_1crop": err,
-                "test/top5_err_1crop": err / 4,
-                "test/top1_err_10crop": err - 0.01,  # exactly 1 point better with ten views
-                "test/top5_err_10crop": err / 4,
-            },
-        )
-    # LRN off is worse by 3, 2, 4 points: mean -3, sd 1.
-    for seed, d in {1: 0.03, 2: 0.02, 3: 0.04}.items():
-        log_run(
-            client,
-            exp,
-            "lrn",
-            "off",
-            seed,
-            {**BASE, "model.lrn": "False"},
-            {"test/top1_err_1crop": paper[seed] + d},
-        )
-    # Non-overlapping pooling is better by 2, 3, 4 points: the opposite of the paper.
-    for seed, d in {1: 0.02, 2: 0.03, 3: 0.04}.items():
-        params = {**BASE, "model.pool": "non_overlapping"}
-        log_run(
-            client, exp, "pooling", "non_overlapping", seed, params, {"test/top1_err_1crop": paper[seed] - d}
-        )
+    rng = np.random.default_rng(0)
+    paper, lrn_off, pool = {}, {}, {}
+    for seed in (1, 2, 3, 4):
+        paper[seed] = errors_with(rng, 0.30)
+        log_run(client, exp, seed, BASE, paper[seed])
+        # LRN off: the same hard images, plus about 3 points more errors.
+        lrn_off[seed] = np.maximum(paper[seed], rng.random(IMAGES) < 0.045)
+        log_run(client, exp, seed, {**BASE, "model.lrn": "False"}, lrn_off[seed])
+        # Non-overlapping pooling: almost the same network, the same errors but a few flips: no effect.
+        pool[seed] = errors_with(rng, 0.30, paper[seed], flip=0.02)
+        log_run(client, exp, seed, {**BASE, "model.pool": "non_overlapping"}, pool[seed])
     # A failed LRN-off run: listed and counted, never dropped.
-    log_run(
-        client,
-        exp,
-        "lrn",
-        "off",
-        4,
-        {**BASE, "model.lrn": "False"},
-        {},
-        status="FAILED",
-        tags={"error": "RuntimeError: out of memory"},
-    )
-    # The same claim at another scale (width 0.5): its own table, never mixed with width 0.25.
+    log_run(client, exp, 5, {**BASE, "model.lrn": "False"}, status="FAILED",
+            tags={"error": "RuntimeError: out of memory"})  # fmt: skip
+    # The same claim at another scale (width 0.5), 2 seeds whose deltas tie: its own table, an interval of
+    # non-zero width, and no verdict (n < 3).
+    wide = {**BASE, "model.width": "0.5"}
     for seed in (1, 2):
-        wide = {**BASE, "model.width": "0.5"}
-        log_run(client, exp, "paper", "paper", seed, wide, {"test/top1_err_1crop": 0.30})
-        log_run(
-            client, exp, "lrn", "off", seed, {**wide, "model.lrn": "False"}, {"test/top1_err_1crop": 0.30}
-        )
-    # Figure 1: ReLU at lr 0.03 takes 2, 2.2, 1.8 epochs (its best); tanh's best (0.03) 10, 11, 9: 5x.
-    fig1 = {**BASE, "model.arch": "figure1_cnn", "model.width": "1.0", "trainer.max_epochs": "40"}
-    epochs = {
-        ("paper", "paper", "0.01"): (4.0, 4.0, 4.0),
-        ("paper", "paper", "0.03"): (2.0, 2.2, 1.8),
-        ("activation", "tanh", "0.01"): (12.0, 13.0, 11.0),
-        ("activation", "tanh", "0.03"): (10.0, 11.0, 9.0),
-    }
-    for (factor, level, lr), values in epochs.items():
-        params = {**fig1, "optimizer.lr": lr, "model.activation": "relu" if factor == "paper" else "tanh"}
-        for seed, e in zip((1, 2, 3), values, strict=True):
-            log_run(client, exp, factor, level, seed, params, {"final/epochs_to_target": e})
-    # A tanh learning rate that never reached 25%: counts as its 40 epochs, so it is not the best.
-    for seed in (1, 2, 3):
-        params = {**fig1, "optimizer.lr": "0.003", "model.activation": "tanh"}
-        log_run(client, exp, "activation", "tanh", seed, params, {}, tags={"epochs_to_target": "never"})
-    return uri, client
+        base = errors_with(rng, 0.25)
+        log_run(client, exp, seed, wide, base)
+        worse = base.copy()
+        worse[np.flatnonzero(base == 0)[seed * 7 : seed * 7 + 2]] = 1  # exactly 2 more errors each seed
+        log_run(client, exp, seed, {**wide, "model.lrn": "False"}, worse)
+    # Runs from before per-image outcomes were kept (the columns claim, at 5 epochs): seeds only, said so.
+    old = {**BASE, "trainer.max_epochs": "5"}
+    for seed, (a, b) in {1: (0.30, 0.33), 2: (0.31, 0.33), 3: (0.29, 0.32)}.items():
+        log_run(client, exp, seed, old, metrics={"test/top1_err_1crop": a})
+        log_run(client, exp, seed, {**old, "model.columns": "1"}, metrics={"test/top1_err_1crop": b})
+    return uri, client, {"paper": paper, "lrn_off": lrn_off, "pool": pool}
 
 
-def rows_by(rows, claim, metric=None, width="0.25"):
+def anova(z: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of a seeds x images matrix under the crossed random-effects model (never below
+    what the seeds' or the images' mean square alone says)."""
+    s, i = z.shape
+    grand = z.mean()
+    ms_s = i * ((z.mean(1) - grand) ** 2).sum() / (s - 1)
+    ms_i = s * ((z.mean(0) - grand) ** 2).sum() / (i - 1)
+    resid = z - z.mean(1, keepdims=True) - z.mean(0, keepdims=True) + grand
+    ms_e = (resid**2).sum() / ((s - 1) * (i - 1))
+    return grand, math.sqrt(max(ms_s + ms_i - ms_e, ms_s, ms_i) / (s * i))
+
+
+def rows_of(rows, claim, metric="test/top1_err_1crop", width="0.25", epochs="6"):
+    scale = (f"width={width}", f"max_epochs={epochs}")
     return [
         r
         for r in rows
-        if r.claim.name == claim
-        and (metric is None or r.measure.metric == metric)
-        and f"width={width}" in r.section
+        if r.claim.name == claim and r.label.startswith(metric) and all(s in r.section for s in scale)
     ]
 
 
-def test_known_numbers_give_known_deltas_intervals_and_verdicts(known_store, tmp_path: Path):
-    uri, client = known_store
+def test_known_outcomes_give_known_intervals_verdicts_and_power(known_store, tmp_path: Path):
+    uri, client, errors = known_store
     rows, runs = make_report("known", uri, tmp_path / "out")
 
-    (lrn,) = rows_by(rows, "lrn", "test/top1_err_1crop")
-    half = T2 * 1.0 / math.sqrt(3)
-    assert lrn.estimate.n == 3
-    assert lrn.estimate.mean == pytest.approx(-3.0)
-    assert (lrn.estimate.low, lrn.estimate.high) == pytest.approx((-3.0 - half, -3.0 + half))
-    assert lrn.verdict == "reproduced"
-    assert lrn.size == "yes"  # the paper's -1.4 lies in [-5.48, -0.52]
+    (lrn,) = rows_of(rows, "lrn")
+    z = 100 * np.stack([errors["paper"][s] - errors["lrn_off"][s] for s in (1, 2, 3, 4)])
+    mean, se = anova(z)
+    assert lrn.estimate.n == 4 and lrn.estimate.method == "seeds x images"
+    assert lrn.estimate.mean == pytest.approx(mean) and lrn.estimate.se == pytest.approx(se, rel=1e-6)
+    half = scipy_stats.t.ppf(0.975, lrn.estimate.df) * se
+    assert (lrn.estimate.low, lrn.estimate.high) == pytest.approx((mean - half, mean + half))
+    assert lrn.estimate.high < -1.4  # about 3 points worse without LRN: more than the paper's 1.4
+    assert lrn.verdict == lrn.adjusted_verdict == "reproduced"
+    df = lrn.estimate.df
+    assert lrn.mde == pytest.approx((scipy_stats.t.ppf(0.975, df) + scipy_stats.t.ppf(0.8, df)) * se)
+    assert lrn.seeds_needed is not None and lrn.seeds_needed <= 4  # the paper's 1.4 is easy to see here
     assert [r.status for r in lrn.not_finished] == ["FAILED"]
+    assert lrn.correlation[0] > 0.5  # the arms share their hard images
 
-    (pool,) = rows_by(rows, "pooling", "test/top1_err_1crop")
-    assert pool.estimate.mean == pytest.approx(3.0)
-    assert pool.verdict == "opposite"
-    assert pool.size == "no"
+    (pool,) = rows_of(rows, "pooling")
+    assert abs(pool.estimate.mean) < 0.5
+    assert pool.verdict == "no effect" or pool.verdict == "smaller than reported"
+    assert pool.estimate.high - pool.estimate.low > 0
 
-    (ten,) = rows_by(rows, "ten_crop", "test/top1_err_10crop")
-    assert (ten.estimate.mean, ten.estimate.low, ten.estimate.high) == pytest.approx((-1.0, -1.0, -1.0))
-    assert ten.verdict == "reproduced" and ten.size == "no"  # the paper's -1.5 is outside
+    (tied,) = rows_of(rows, "lrn", width="0.5")
+    assert tied.per_seed == pytest.approx({1: -0.1, 2: -0.1})  # equal per-seed deltas
+    assert tied.estimate.high - tied.estimate.low > 0.05  # the images still make an interval
+    assert tied.verdict == "inconclusive" and tied.estimate.n == 2  # and 2 seeds decide nothing
 
-    # Claims whose other arm was not run (top-5 of LRN has no ablated value) give n = 0, inconclusive.
-    (lrn5,) = rows_by(rows, "lrn", "test/top5_err_1crop")
-    assert lrn5.estimate.n == 0 and lrn5.verdict == "inconclusive"
-    assert not rows_by(rows, "columns")  # never run: no row
+    (old,) = rows_of(rows, "columns", epochs="5")
+    assert old.estimate.method == "seeds only" and any("per-image" in n for n in old.notes)
 
-    # The width-0.5 runs are their own comparison: identical errors, so a zero-width interval at 0.
-    (wide,) = rows_by(rows, "lrn", "test/top1_err_1crop", width="0.5")
-    assert wide.estimate.n == 2 and wide.estimate.mean == 0.0 and wide.verdict == "inconclusive"
-    assert wide.section != lrn.section
+    (ten,) = rows_of(rows, "ten_crop", "test/top1_err_10crop")
+    assert ten.estimate.mean == 0.0  # the fake runs' ten views equal their centre crops
 
-    (fig1,) = rows_by(rows, "figure1", width="1.0")
-    assert fig1.estimate.mean == pytest.approx(5.0)
-    assert (fig1.estimate.low, fig1.estimate.high) == pytest.approx((5.0, 5.0))
-    assert fig1.verdict == "reproduced" and fig1.size == "no"  # ~6x lies outside [5, 5]
-    assert any("best optimizer.lr/optimizer.min_lr = 0.03," in note for note in fig1.notes)
-
-    out = tmp_path / "out"
-    md = (out / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "How to read this report" in md and "Holm" in md and "Satterthwaite" in md
+    assert "RuntimeError: out of memory" in md
     assert "| Local response normalization | 3.3 |" in md
-    assert "-3.00 [-5.48, -0.52]" in md and "**reproduced**" in md and "**opposite**" in md
-    assert "RuntimeError: out of memory" in md  # the failed run, listed
-    assert "Verdict rule" in md
-    html = (out / "report.html").read_text()
-    assert "<table>" in html and "Local response normalization" in html and "out of memory" in html
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert "figure1_0.png" in pngs and any(p.startswith("deltas_") for p in pngs)
-    for png in pngs:
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "python src/report.py" not in md  # commands are training commands
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert (
+        "<table>" in html and "Local response normalization" in html and "<code>python src/train.py" in html
+    )
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs and all((tmp_path / "out" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
-    # The report is also a run of its own, with every file as an artifact; reading the store again ignores it.
+    # The report is also a run of its own: every file, each row's verdicts and power; rereading ignores it.
     exp = client.get_experiment_by_name("known")
     (report_run,) = client.search_runs([exp.experiment_id], "tags.`alexnet.report` = 'true'")
-    assert report_run.info.status == "FINISHED"
-    artifacts = {a.path for a in client.list_artifacts(report_run.info.run_id)}
-    assert {"report.md", "report.html", "claims.yaml", *pngs} <= artifacts
-    assert report_run.data.tags["verdict.lrn.test_top1_err_1crop." + lrn.context] == "reproduced"
-    rows_again, runs_again = make_report("known", uri, tmp_path / "out2", log_to_mlflow=False)
+    tags, metrics = report_run.data.tags, report_run.data.metrics
+    assert tags[f"verdict.{lrn.key}"] == "reproduced" and tags[f"verdict_holm.{lrn.key}"] == "reproduced"
+    assert metrics[f"mde.{lrn.key}"] == pytest.approx(lrn.mde) and metrics[
+        f"mean.{lrn.key}"
+    ] == pytest.approx(mean)
+    assert {"report.md", "report.html", "claims.yaml", *pngs} <= {
+        a.path for a in client.list_artifacts(report_run.info.run_id)
+    }
+    _, runs_again = make_report("known", uri, tmp_path / "out2", log_to_mlflow=False)
     assert len(runs_again) == len(runs)
 
 
-def test_interval_and_verdict_rule():
-    est = t_interval([-2.0, -3.0, -4.0])
-    assert est.mean == pytest.approx(-3.0)
-    assert est.high == pytest.approx(-3.0 + T2 / math.sqrt(3))
-    assert verdict(est, -1) == "reproduced" and verdict(est, +1) == "opposite"
-    assert verdict(t_interval([-1.0, 1.0, 0.5]), -1) == "inconclusive"
-    assert verdict(t_interval([-5.0]), -1) == "inconclusive"  # one seed: no interval, no verdict
+def test_holm_can_take_a_verdict_back(known_store, tmp_path: Path):
+    """A row decided at 5% on its own can be undecided once the report's other rows are accounted for."""
+    uri, _, _ = known_store
+    rows, _ = make_report("known", uri, tmp_path / "out", log_to_mlflow=False)
+    for row in rows:
+        raw, adjusted = row.test.p_zero, row.test.adjusted.get("p_zero", row.test.p_zero)
+        if math.isfinite(raw):
+            assert adjusted >= raw
+    assert {r.verdict for r in rows} >= {"reproduced", "inconclusive"}
 
 
 def test_every_claim_is_data_with_a_section_and_an_arm():
     claims = {c.name: c for c in load_claims()}
-    assert {"figure1", "lrn", "pooling", "columns", "pca_color", "crops_flips", "dropout", "ten_crop"} <= set(
-        claims
-    )
+    names = {
+        "figure1",
+        "lrn",
+        "pooling",
+        "columns",
+        "pca_color",
+        "crops_flips",
+        "dropout",
+        "ten_crop",
+        "depth",
+    }
+    assert names | {"factorial"} <= set(claims)
     assert claims["lrn"].measures[0].reported == -1.4 and claims["lrn"].section == "3.3"
     assert claims["columns"].measures[0].reported == -1.7
-    assert claims["figure1"].measures[0].reported == 6.0 and claims["figure1"].kind == "ratio"
+    assert claims["depth"].arms == ("no_conv3", "no_conv4", "no_conv5")
+    assert claims["figure1"].measures[0].reported == 6.0 and claims["figure1"].selection_seeds == (101, 102)
+    assert claims["factorial"].design().resolution == 4
     for claim in claims.values():
         assert claim.section and claim.paper_data
 
 
 def test_unknown_experiment_is_explained(tmp_path: Path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src" / "report.py"),
-            "nope",
-            "--tracking-uri",
-            f"sqlite:///{tmp_path}/m.db",
-        ],
-        capture_output=True,
-        text=True,
-    )
+        [sys.executable, str(ROOT / "src" / "report.py"), "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert proc.returncode == 2
     assert "No experiment 'nope'" in proc.stderr and "+ablation=" in proc.stderr
+
+
+def report_of(train_run, tmp_path: Path, experiment: str, *args: str) -> str:
+    out = tmp_path / f"report_{experiment}"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "report.py"), experiment,
+         "--tracking-uri", train_run.tracking_uri, "--out", str(out), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"The report: {out / 'report.md'}" in proc.stdout
+    return (out / "report.md").read_text()
 
 
 def test_real_ablation_multirun_with_a_failing_job_and_its_report(train_run, tmp_path: Path):
     """2 arms x 2 seeds of `+ablation=lrn` at toy size, plus a job that fails at run time (seed -1 is out of
     numpy's range): the sweep finishes the other jobs, and the report counts and lists the failed one."""
     proc = train_run(
-        "+ablation=lrn",
-        "experiment=smoke",
-        "logger.experiment_name=toy",
-        "data.synthetic_size=64",
-        "seed=1,2,-1",
-        multirun=True,
-        check=False,
-    )
+        "+ablation=lrn", "experiment=smoke", "logger.experiment_name=toy", "data.synthetic_size=64",
+        "seed=1,2,-1", multirun=True, check=False,
+    )  # fmt: skip
     assert proc.returncode != 0  # the failing job is reported at the end of the sweep...
     runs = train_run.runs("toy")
     by_arm = {(r.data.tags["ablation.factor"], r.data.tags["seed"]): r.info.status for r in runs}
     assert by_arm == {  # ...after every other job ran
-        ("paper", "1"): "FINISHED",
-        ("paper", "2"): "FINISHED",
-        ("paper", "-1"): "FAILED",
-        ("lrn", "1"): "FINISHED",
-        ("lrn", "2"): "FINISHED",
-        ("lrn", "-1"): "FAILED",
-    }
+        ("paper", "1"): "FINISHED", ("paper", "2"): "FINISHED", ("paper", "-1"): "FAILED",
+        ("lrn", "1"): "FINISHED", ("lrn", "2"): "FINISHED", ("lrn", "-1"): "FAILED",
+    }  # fmt: skip
     for r in runs:
         assert r.data.params["model.lrn"] == (
             "True" if r.data.tags["ablation.factor"] == "paper" else "False"
         )
-        assert r.data.tags["ablation.level"] in ("paper", "off")
-
-    out = tmp_path / "report"
-    report = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "report.py"), "toy", "--tracking-uri", train_run.tracking_uri]
-        + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.returncode == 0, report.stderr
-    md = (out / "report.md").read_text()
+    md = report_of(train_run, tmp_path, "toy")
     lrn_row = next(line for line in md.splitlines() if line.startswith("| Local response normalization"))
-    assert "| 2 (+2 not finished) |" in lrn_row
+    assert "| 2 (+2 not finished) |" in lrn_row and "**inconclusive**" in lrn_row  # 2 seeds < 3
+    assert "`python src/train.py -m +ablation=lrn experiment=smoke" in lrn_row  # the command that made it
     assert "-1 is not in bounds" in md  # the failed jobs and why
     assert md.count("| FAILED |") == 2
-    assert (out / "report.html").is_file() and list(out.glob("deltas_*.png"))
+    # Claims without runs: the command that completes this report, at this scale and on this data.
+    assert "`python src/train.py -m +ablation=pooling experiment=smoke data.synthetic_size=64`" in md
+
+
+def test_a_factorial_multirun_reports_every_main_effect(train_run, tmp_path: Path):
+    """The 16 runs of the 2^(7-3) design at the smoke scale, one seed: each of the seven switches has a main
+    effect (beside the paper's delta for it) and each alias chain of interactions has a row."""
+    train_run("+ablation=factorial", "experiment=smoke", "logger.experiment_name=design",
+              "data.synthetic_size=64", "seed=1", multirun=True)  # fmt: skip
+    runs = train_run.runs("design")
+    assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
+    levels = {r.data.tags["ablation.level"] for r in runs}
+    assert len(levels) == 16 and "+++++++" in levels
+    everything_off = next(r for r in runs if r.data.tags["ablation.level"] == "-------").data.params
+    switches = ("model.lrn", "model.activation", "model.columns")
+    assert tuple(everything_off[k] for k in switches) == ("False", "tanh", "1")
+    md = report_of(train_run, tmp_path, "design", "--min-seeds", "1")
+    effects = [line for line in md.splitlines() if "| main effect of " in line]
+    factors = ("lrn_off", "pool_non_overlapping", "tanh", "dropout_off", "crops_flips_off", "pca_color_off",
+               "one_column")  # fmt: skip
+    assert len(effects) == 7 and all(any(f"main effect of {f} " in line for line in effects) for f in factors)
+    lrn = next(line for line in effects if "lrn_off" in line)
+    assert "| -1.4 |" in lrn and "+ablation=factorial experiment=smoke" in lrn
+    assert sum("| interaction chain " in line for line in md.splitlines()) == 7

@@ -91,7 +91,9 @@ class DataConfig:
         )
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "a positive integer")
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
-        require(self.val_size >= 1, "data.val_size", self.val_size, "the LR schedule needs a validation split")
+        require(
+            self.val_size >= 1, "data.val_size", self.val_size, "the LR schedule needs a validation split"
+        )
         for key in ("train_size", "test_size"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"data.{key}", value, "null (all) or a positive count")
@@ -252,7 +254,9 @@ def check_config(cfg: DictConfig) -> CheckedConfig:
     for section in SCHEMAS:
         if section not in resolved:
             raise ConfigError(f"'{section}' is missing from the config; pick one with {section}=<name>.")
-    checked = CheckedConfig(**{name: _typed(name, schema, resolved[name]) for name, schema in SCHEMAS.items()})
+    checked = CheckedConfig(
+        **{name: _typed(name, schema, resolved[name]) for name, schema in SCHEMAS.items()}
+    )
     require(
         checked.model.input_size == checked.data.image_size,
         "model.input_size",
@@ -298,7 +302,10 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         )
         if key not in ("devices", "strategy"):  # null here: the devices group sets them (_check_devices)
             require(
-                _matches(value, hints[key]), f"trainer.{key}", value, f"Lightning's Trainer takes {_name(hints[key])}"
+                _matches(value, hints[key]),
+                f"trainer.{key}",
+                value,
+                f"Lightning's Trainer takes {_name(hints[key])}",
             )
 
 
@@ -383,4 +390,3 @@ def _check_devices(checked: CheckedConfig, trainer: dict[str, Any], optuna: bool
 def plain(section: Any) -> dict[str, Any]:
     """A checked dataclass as a plain dict, enums as their string values."""
     return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)
-

@@ -47,7 +47,8 @@ DataNotFoundError = DataError  # the name earlier versions raised
 def _how_to_get(kind: Kind) -> str:
     if kind is Kind.cifar10:
         return (
-            "Point data.root (or the ALEXNET_DATA_DIR environment variable, which holds cifar10/) at a folder "
+            "Point data.root (or the ALEXNET_DATA_DIR environment variable, which holds cifar10/) at a "
+            "folder "
             "with train/<class>/*.jpg and test/<class>/*.jpg or torchvision's cifar-10-batches-py/, or add "
             "data.download=true to let torchvision download it (needs internet)."
         )
@@ -77,7 +78,9 @@ def probe(cfg: DataConfig) -> DataFacts:
             raise DataError(f"CIFAR-10 not found under {root}. {_how_to_get(cfg.dataset)}")
         for f in sorted(arrays.glob("*")) if arrays.is_dir() else []:
             digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        return DataFacts(cfg.num_classes, test_split, digest.hexdigest()[:16] if arrays.is_dir() else "download")
+        return DataFacts(
+            cfg.num_classes, test_split, digest.hexdigest()[:16] if arrays.is_dir() else "download"
+        )
     classes = None
     for split in ("train", test_split):
         files, _, found = list_image_folder(root / split, cfg.dataset)
@@ -125,7 +128,11 @@ def list_image_folder(split_dir: Path, kind: Kind) -> tuple[list[Path], list[int
 def read_rgb(path: str | Path, data: torch.Tensor | None = None) -> torch.Tensor:
     """Image file to a uint8 RGB tensor; grayscale and RGBA files are converted to RGB."""
     try:
-        raw = data if data is not None else torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        raw = (
+            data
+            if data is not None
+            else torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        )
         return decode_image(raw, mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or delete the file.") from None

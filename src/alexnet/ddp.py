@@ -33,6 +33,7 @@ HANDOFF_ENV = "ALEXNET_DDP_JOB"
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 _BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
+
 def rank() -> int:
     """This process's rank, known before any Trainer exists: Lightning reads it from the environment its
     launcher sets for the processes it starts (LOCAL_RANK); 0 in the process the user started."""

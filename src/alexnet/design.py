@@ -102,7 +102,10 @@ def apply_run(cfg: DictConfig) -> DictConfig:
     design = design_of(node)
     run = node.run
     require(
-        isinstance(run, int) and 0 <= run < design.runs, "design.run", run, f"a run of the design: 0..{design.runs - 1}"
+        isinstance(run, int) and 0 <= run < design.runs,
+        "design.run",
+        run,
+        f"a run of the design: 0..{design.runs - 1}",
     )
     for name, level in zip(design.factors, design.matrix[run], strict=True):
         if level < 0:

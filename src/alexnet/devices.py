@@ -36,7 +36,7 @@ from alexnet.model import AlexNet, LocalResponseNorm
 log = logging.getLogger(__name__)
 
 
-# --- Section 3.2's two GPUs ----------------------------------------------------------------------------------
+# --- Section 3.2's two GPUs ---------------------------------------------------------------------------------
 
 
 def _half(tensor: torch.Tensor, column: int) -> torch.Tensor:
@@ -162,7 +162,9 @@ class TwoDeviceAlexNet(nn.Module):
                 continue
             block = "classifier" if name.startswith("fc") else "features"
             for kind in ("weight", "bias"):
-                halves = [getattr(col.layers[name], kind).detach().cpu() for col in (self.column_a, self.column_b)]
+                halves = [
+                    getattr(col.layers[name], kind).detach().cpu() for col in (self.column_a, self.column_b)
+                ]
                 state[f"{block}.{name}.{kind}"] = torch.cat(halves)
         state["classifier.fc8.weight"] = self.fc8.weight.detach().cpu().clone()
         state["classifier.fc8.bias"] = self.fc8.bias.detach().cpu().clone()
@@ -258,7 +260,9 @@ def placement(devices: DevicesConfig, accelerator: str) -> Placement:
     layout = devices.channels_last
     if devices.mode is DeviceMode.model_parallel:
         columns = column_devices(accelerator)
-        return Placement({"devices": 1, "strategy": ColumnParallelStrategy(device=columns[0])}, columns, layout)
+        return Placement(
+            {"devices": 1, "strategy": ColumnParallelStrategy(device=columns[0])}, columns, layout
+        )
     if devices.mode is DeviceMode.ddp:
         # Lightning picks the process group's backend from the accelerator: gloo on CPUs, nccl on GPUs.
         return Placement({"devices": devices.count, "strategy": "ddp"}, channels_last=layout)

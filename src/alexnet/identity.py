@@ -74,7 +74,9 @@ def experiment_params(cfg: DictConfig, fingerprint: str | None = None) -> dict[s
 
 def run_key(cfg: DictConfig, fingerprint: str | None = None) -> str:
     """A digest of everything that decides what this job trains and measures."""
-    return hashlib.sha256(json.dumps(experiment_params(cfg, fingerprint), sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(
+        json.dumps(experiment_params(cfg, fingerprint), sort_keys=True).encode()
+    ).hexdigest()[:24]
 
 
 def run_name(overrides: list[str]) -> str:

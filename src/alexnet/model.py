@@ -83,7 +83,9 @@ class ModelConfig:
         require(self.num_classes >= 2, "model.num_classes", self.num_classes, "need at least 2 classes")
         require(self.input_size in STEMS, "model.input_size", self.input_size, "use 227 or 32")
         require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
-        require(self.columns in (1, 2), "model.columns", self.columns, "1 (one-GPU net) or 2 (two-column net)")
+        require(
+            self.columns in (1, 2), "model.columns", self.columns, "1 (one-GPU net) or 2 (two-column net)"
+        )
         require(0.0 < self.width <= 4.0, "model.width", self.width, "a multiplier in (0, 4]")
         if self.arch is Arch.figure1_cnn:
             why = "Figure 1's four-layer net (model.arch=figure1_cnn) is one-column, 32x32, no dropout"

@@ -306,13 +306,17 @@ class AlexNetModule(L.LightningModule):
 
     def configure_optimizers(self):
         r = self.recipe
-        optimizer = torch.optim.SGD(self.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay
+        )
         if r.schedule is Schedule.plateau:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=r.drop_factor, patience=r.plateau_patience, min_lr=r.min_lr
             )
         else:
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(r.milestones), gamma=r.drop_factor)
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, list(r.milestones), gamma=r.drop_factor
+            )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": "val/top1_err", "interval": "epoch"},

@@ -156,8 +156,10 @@ class Preset:
     def train(self, images: torch.Tensor, draws: Draws | None = None) -> torch.Tensor:
         cfg, size = self.cfg, self.cfg.image_size
         draws = (draws or Draws.new(len(images), self.offsets)).to(images.device)
-        x = crops(pad(images, cfg.crop_padding), size, draws.top, draws.left) if cfg.crops else centre_crop(
-            images, size
+        x = (
+            crops(pad(images, cfg.crop_padding), size, draws.top, draws.left)
+            if cfg.crops
+            else centre_crop(images, size)
         )
         if cfg.flips:
             x = mirrors(x, draws.mirror)
@@ -174,7 +176,9 @@ class Preset:
         views are windows of the padded canvas: the same family of windows training sampled from."""
         if not self.cfg.ten_crop:
             return self.eval(images)
-        return self.normalise(ten_views(pad(images, self.cfg.crop_padding), self.cfg.image_size).float() / 255.0)
+        return self.normalise(
+            ten_views(pad(images, self.cfg.crop_padding), self.cfg.image_size).float() / 255.0
+        )
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean = self.stats.mean.to(x.device).view(3, 1, 1)

@@ -29,5 +29,5 @@ def stream_seed(seed: int, *names: object) -> int:
 
 
 def generator(seed: int, *names: object) -> torch.Generator:
-    """A CPU generator for the stream ``names`` (draw on the CPU, then move: the draws are a few per image)."""
+    """A CPU generator for the stream ``names`` (draws are made on the CPU, then moved: a few per image)."""
     return torch.Generator().manual_seed(stream_seed(seed, *names))

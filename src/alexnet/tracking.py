@@ -73,8 +73,8 @@ def git_commit(root: Path) -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-            timeout=10,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10,
         ).stdout.strip()  # fmt: skip
         return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
@@ -120,8 +120,8 @@ def check_reachable(uri: str, seconds: float = 10.0) -> None:
             response.read()
     except (OSError, ValueError) as err:
         raise TrackingError(
-            f"Cannot reach the MLflow tracking server at {mask_secrets(uri)} ({mask_secrets(str(err))}). Start "
-            "it (mlflow server --host ... --port ..., or scripts/team_server.sh), fix logger.tracking_uri / "
+            f"Cannot reach the MLflow tracking server at {mask_secrets(uri)} ({mask_secrets(str(err))}). "
+            "Start it (mlflow server --host ... --port ..., or scripts/team_server.sh), fix logger.tracking_uri / "
             "MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
         ) from None
 
@@ -152,7 +152,9 @@ def experiment_id(client: MlflowClient, cfg: DictConfig, uri: str) -> str:
                 return client.create_experiment(name, artifact_location=location)
             return experiment.experiment_id
     except MlflowException as err:
-        raise TrackingError(f"Cannot use the MLflow store {mask_secrets(uri)}: {mask_secrets(str(err))}") from None
+        raise TrackingError(
+            f"Cannot use the MLflow store {mask_secrets(uri)}: {mask_secrets(str(err))}"
+        ) from None
 
 
 class RunLogger(MLFlowLogger):
@@ -218,7 +220,11 @@ def open_run(cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> TrackedR
         logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id)
         return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from, lock=lock)
 
-    tags = run_tags(cfg, job) | {"run_key": key, "attempts": "1", MLFLOW_RUN_NAME: run_name(job.get("overrides", []))}
+    tags = run_tags(cfg, job) | {
+        "run_key": key,
+        "attempts": "1",
+        MLFLOW_RUN_NAME: run_name(job.get("overrides", [])),
+    }
     parent = sweep_parent(client, exp, cfg, job)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
@@ -253,12 +259,16 @@ def sweep_parent(client: MlflowClient, exp: str, cfg: DictConfig, job: dict[str,
     command = job.get("sweep_overrides")
     if study is None and command is None:
         return None
-    label = f"study {study}" if study else "sweep: " + " ".join(o for o in command if not o.startswith(_WHERE))
+    label = (
+        f"study {study}" if study else "sweep: " + " ".join(o for o in command if not o.startswith(_WHERE))
+    )
     key = hashlib.sha256(json.dumps([cfg.logger.experiment_name, study or command]).encode()).hexdigest()[:24]
     lock_dir = Path(cfg.paths.checkpoint_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(lock_dir / f"sweep-{key}.lock", timeout=300):
-        found = client.search_runs([exp], f"tags.`{SWEEP_TAG}` = '{key}'", order_by=["attributes.start_time ASC"])
+        found = client.search_runs(
+            [exp], f"tags.`{SWEEP_TAG}` = '{key}'", order_by=["attributes.start_time ASC"]
+        )
         if found:
             return found[0].info.run_id
         run = client.create_run(exp, tags={SWEEP_TAG: key, MLFLOW_RUN_NAME: mask_secrets(label)[:250]})
@@ -282,9 +292,12 @@ def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: in
         logger.experiment.set_tag(logger.run_id, "epochs_to_target", "never")
 
 
-def log_outcomes(logger: MLFlowLogger, outcomes: dict[str, np.ndarray], labels: np.ndarray) -> None:
-    """Each test image's outcome as ``test_outcomes.npz``: packed bits, a few kB for 10,000 images, plus a
-    digest of the labels so that the report pairs only runs tested on the same images in the same order."""
+def log_outcomes(
+    logger: MLFlowLogger, outcomes: dict[str, np.ndarray], labels: np.ndarray, prefix: str | None = None
+) -> None:
+    """Each test image's outcome as ``test_outcomes.npz`` (under ``prefix/`` if given): packed bits, a few kB
+    for 10,000 images, plus a digest of the labels so that the report pairs only runs tested on the same
+    images in the same order."""
     if not outcomes:
         return
     buffer = io.BytesIO()
@@ -293,7 +306,7 @@ def log_outcomes(logger: MLFlowLogger, outcomes: dict[str, np.ndarray], labels: 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / OUTCOMES_ARTIFACT
         path.write_bytes(buffer.getvalue())
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=prefix)
 
 
 def labels_digest(labels: np.ndarray) -> str:
@@ -304,7 +317,11 @@ def read_outcomes(path: Path) -> tuple[dict[str, np.ndarray], str]:
     """``test_outcomes.npz`` back as booleans per image, and its labels digest."""
     with np.load(path) as data:
         n = int(data["images"])
-        outcomes = {k: np.unpackbits(data[k])[:n].astype(bool) for k in data.files if k not in ("images", "labels_sha")}
+        outcomes = {
+            k: np.unpackbits(data[k])[:n].astype(bool)
+            for k in data.files
+            if k not in ("images", "labels_sha")
+        }
         return outcomes, str(data["labels_sha"])
 
 
@@ -316,7 +333,9 @@ def mark_failed(logger: MLFlowLogger, error: BaseException, status: str = "FAILE
     client: MlflowClient = logger.experiment
     text = mask_secrets("".join(traceback.format_exception(error)))
     steps = (
-        lambda: client.set_tag(logger.run_id, "error", mask_secrets(f"{type(error).__name__}: {error}")[:5000]),
+        lambda: client.set_tag(
+            logger.run_id, "error", mask_secrets(f"{type(error).__name__}: {error}")[:5000]
+        ),
         lambda: _log_text(client, logger.run_id, "error.txt", text),
         lambda: client.set_terminated(logger.run_id, status),
     )

@@ -50,8 +50,9 @@ def make_report(
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise ReportError(
-            f"No experiment {experiment!r} in the tracking store {mask_secrets(tracking_uri)} (it has: {names}). "
-            f"Run a sweep first, e.g. python src/train.py -m +ablation=lrn experiment=cpu (into 'ablation_cpu')."
+            f"No experiment {experiment!r} in the tracking store {mask_secrets(tracking_uri)} (it has: "
+            f"{names}). Run a sweep first, e.g. python src/train.py -m +ablation=lrn experiment=cpu (into "
+            "'ablation_cpu')."
         )
     runs = fetch_runs(client, exp.experiment_id, filter_string)
     if not runs:
@@ -75,7 +76,9 @@ def make_report(
     return rows, runs
 
 
-def _log_report_run(client: MlflowClient, experiment_id: str, out: Path, rows: list[Row], runs: list[RunRecord]) -> None:
+def _log_report_run(
+    client: MlflowClient, experiment_id: str, out: Path, rows: list[Row], runs: list[RunRecord]
+) -> None:
     """The report as a run of its own: every file as an artifact, each row's verdicts as tags and its numbers
     (mean, interval, minimum detectable effect, seeds needed) as metrics."""
     run = client.create_run(experiment_id, run_name="report", tags={REPORT_TAG: "true"})
@@ -107,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=default_tracking_uri(), help="default: %(default)s")
     parser.add_argument("--out", type=Path, help="output folder (default: reports/<experiment>)")
     parser.add_argument("--claims", type=Path, default=CLAIMS_FILE, help="default: %(default)s")
-    parser.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"tags.sweep_dir = '...'\"")
+    parser.add_argument(
+        "--filter", default="", help="an MLflow search filter, e.g. \"tags.sweep_dir = '...'\""
+    )
     parser.add_argument("--min-seeds", type=int, default=Settings.min_seeds, help="default: %(default)s")
     parser.add_argument("--margin", type=float, default=Settings.margin, help="points; default: %(default)s")
     parser.add_argument("--no-log", action="store_true", help="do not log a report run to MLflow")

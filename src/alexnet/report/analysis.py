@@ -99,14 +99,20 @@ def paired(
     x[np.arange(2 * n), 1 + np.tile(np.arange(n), 2)] = 1.0  # the seed's block
     contrast = np.eye(n + 1)[0]
     if n < 2:
-        return stats.Estimate(float(y[:n].mean() - y[n:].mean()), math.nan, 0, 1, method="one seed"), {}, method
+        return (
+            stats.Estimate(float(y[:n].mean() - y[n:].mean()), math.nan, 0, 1, method="one seed"),
+            {},
+            method,
+        )
     est = stats.crossed(y, x, contrast, seeds=n)
     est.method = method
     per_seed = {s: 100.0 * (first[s].metrics[metrics[0]] - second[s].metrics[metrics[1]]) for s in seeds}
     return est, per_seed, method
 
 
-def analyse(claims: list[Claim], runs: list[RunRecord], settings: Settings, client=None) -> tuple[list[Row], list]:
+def analyse(
+    claims: list[Claim], runs: list[RunRecord], settings: Settings, client=None
+) -> tuple[list[Row], list]:
     from alexnet.report import factorial  # it builds on this module's rows
 
     rows: list[Row] = []

@@ -66,7 +66,9 @@ def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
         arms = tuple(c.pop("arms", ())) or ((c.pop("arm"),) if "arm" in c else ())
         for arm in arms if c["kind"] in ("delta", "ratio") else ():
             if not (ARMS_DIR / f"{arm}.yaml").is_file():
-                raise ReportError(f"{path}: claims.{name} names arm {arm!r}, which is not a file in {ARMS_DIR}")
+                raise ReportError(
+                    f"{path}: claims.{name} names arm {arm!r}, which is not a file in {ARMS_DIR}"
+                )
         if c["kind"] in ("delta", "ratio") and not arms:
             raise ReportError(f"{path}: claims.{name} needs arm: <an arm of {ARMS_DIR}>")
         sweep = c.pop("sweep", name if (SWEEPS_DIR / f"{name}.yaml").is_file() else None)

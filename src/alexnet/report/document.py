@@ -36,13 +36,14 @@ def header(settings: Settings) -> list:
         "**Verdicts**, from the 95% interval (equivalently, from two-sided tests at 5%):",
         Bullets(rules),
         f"The margin for *no effect* is ±{settings.margin} points of error (a ratio within "
-        f"[1/{settings.ratio_margin}, {settings.ratio_margin}]). A verdict other than *inconclusive* needs at "
+        f"[1/{settings.ratio_margin}, {settings.ratio_margin}]). A verdict other than *inconclusive* needs "
+        "at "
         f"least {settings.min_seeds} seeds (`--min-seeds`). **Holm** is the same rule applied to p-values "
         "corrected with Holm's step-down method across every row of this report (the tests against no "
         "effect, against the paper's number and of equivalence, each a family): the chance that any "
         "corrected verdict is wrong stays at 5%.",
-        "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its current "
-        "seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, from the "
+        "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its "
+        "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, from the "
         "noise measured so far (the seeds' part shrinks with more seeds; the test set's part does not, so "
         "some effects cannot be reached by seeds alone: `-`). Add seeds with `seed=4,5,...`: finished runs "
         "are skipped, only the new seeds train.",
@@ -80,11 +81,30 @@ def _n(row: Row) -> str:
 
 
 def verdict_table(rows: list[Row]) -> Table:
-    header = ["claim", "§", "metric", "paper", "ours, mean [95% CI]", "n", "verdict", "Holm", "MDE", "command"]
+    header = [
+        "claim",
+        "§",
+        "metric",
+        "paper",
+        "ours, mean [95% CI]",
+        "n",
+        "verdict",
+        "Holm",
+        "MDE",
+        "command",
+    ]
     body = [
         [
-            row.claim.title, row.claim.section, row.label, _paper(row), _ours(row), _n(row), f"**{row.verdict}**",
-            f"**{row.adjusted_verdict}**", _value(row, row.mde, signed=False), f"`{row.command}`",
+            row.claim.title,
+            row.claim.section,
+            row.label,
+            _paper(row),
+            _ours(row),
+            _n(row),
+            f"**{row.verdict}**",
+            f"**{row.adjusted_verdict}**",
+            _value(row, row.mde, signed=False),
+            f"`{row.command}`",
         ]  # fmt: skip
         for row in rows
     ]
@@ -115,7 +135,9 @@ def build(
 ) -> Document:  # fmt: skip
     doc = Document(title, [Section("How to read this report", header(settings))])
     if not rows:
-        doc.sections.append(Section("No claim could be evaluated", ["No context holds runs of both arms of any claim."]))
+        doc.sections.append(
+            Section("No claim could be evaluated", ["No context holds runs of both arms of any claim."])
+        )
     for text, group in sections(rows).items():
         blocks = [verdict_table(group), "Noise and power:", noise_table(group)]
         notes = list(dict.fromkeys(f"{row.claim.title}: {note}" for row in group for note in row.notes))
@@ -140,7 +162,10 @@ def build(
         doc.sections.append(Section("Runs that did not finish", ["None: every run finished."]))
     per_seed = [
         f"{row.claim.title}, {row.label} ({row.section}): "
-        + ", ".join(f"seed {s}: {v:+.2f}" if row.unit == "pp" else f"seed {s}: {v:.2f}x" for s, v in row.per_seed.items())
+        + ", ".join(
+            f"seed {s}: {v:+.2f}" if row.unit == "pp" else f"seed {s}: {v:.2f}x"
+            for s, v in row.per_seed.items()
+        )
         for row in rows
         if row.per_seed
     ]

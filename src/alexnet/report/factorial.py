@@ -79,7 +79,13 @@ def rows(claim: Claim, runs: list[RunRecord], settings: Settings) -> list[Row]:
 
 
 def _effects(
-    claim: Claim, design: Design, metric: str, seeds: list[int], ordered: list[RunRecord], context: str, text: str
+    claim: Claim,
+    design: Design,
+    metric: str,
+    seeds: list[int],
+    ordered: list[RunRecord],
+    context: str,
+    text: str,
 ) -> list[Row]:
     y, method = errors(ordered, [metric] * len(ordered))
     k, chains = len(design.factors), design.interaction_chains
@@ -99,15 +105,23 @@ def _effects(
             reported, direction, title = _reported(design.factors[j], metric)
             label = f"main effect of {design.factors[j]} ({title}), {metric}"
         else:
-            reported, direction, label = None, 0, f"interaction chain {design.chain_name(chains[j - k])}, {metric}"
+            reported, direction, label = (
+                None,
+                0,
+                f"interaction chain {design.chain_name(chains[j - k])}, {metric}",
+            )
         row = Row(
             claim=claim, label=label, section=text, context=context, estimate=est, reported=reported,
             direction=direction, unit="pp", runs=ordered, command=cmd,
         )  # fmt: skip
         if j < k:
-            row.notes.append("a main effect: averaged over the other switches' levels, not at the paper's config")
+            row.notes.append(
+                "a main effect: averaged over the other switches' levels, not at the paper's config"
+            )
         out.append(row)
     if method == "seeds only":
         for row in out:
-            row.notes.append("no per-image test outcomes in these runs: the interval holds the runs' noise only")
+            row.notes.append(
+                "no per-image test outcomes in these runs: the interval holds the runs' noise only"
+            )
     return out if not math.isnan(out[0].estimate.mean) else []

@@ -67,7 +67,11 @@ def choose(claim: Claim, runs: list[RunRecord]) -> tuple[tuple[str, ...] | None,
     reported = [r for s, r in _latest(settings[best]).items() if not held_out or s not in selection]
     tried = "; ".join(f"{','.join(s)}: {speed(s)[0]:.1f}" for s in ranked)
     how = "on the selection seeds" if held_out else "on the reported runs themselves (optimistic)"
-    return best, reported, f"best {'/'.join(claim.tune)} = {','.join(best)} chosen {how} (mean epochs: {tried})"
+    return (
+        best,
+        reported,
+        f"best {'/'.join(claim.tune)} = {','.join(best)} chosen {how} (mean epochs: {tried})",
+    )
 
 
 def ratio_row(

@@ -46,7 +46,9 @@ def plot(out: Path, sections: dict[str, list[Row]], curves: list[Curves]) -> dic
         plt.close(fig)
         files.setdefault(text, []).append(name)
     for i, c in enumerate(curves):
-        text = next((t for t, group in sections.items() if any(r.context == c.context for r in group)), c.context)
+        text = next(
+            (t for t, group in sections.items() if any(r.context == c.context for r in group)), c.context
+        )
         fig, ax = plt.subplots(figsize=(6, 4))
         for colour, (arm, runs) in zip(("C0", "C1"), c.curves.items(), strict=False):
             for j, curve in enumerate(runs):

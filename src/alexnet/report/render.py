@@ -85,7 +85,9 @@ def to_html(doc: Document) -> str:
         for block in section.blocks:
             if isinstance(block, Table):
                 head = "".join(f"<th>{_inline(c)}</th>" for c in block.header)
-                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows
+                )
                 parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif isinstance(block, Bullets):
                 parts.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>")

@@ -139,7 +139,8 @@ def test(est: Estimate, reported: float | None, margin: float) -> Test:
 
 
 VERDICTS = {
-    "reproduced": "the interval excludes no effect, on the paper's side, and does not lie below the paper's number",
+    "reproduced": "the interval excludes no effect, on the paper's side, and does not lie below the paper's "
+    "number",
     "smaller than reported": "the interval excludes the paper's number on the side of no effect",
     "no effect": "the interval lies within the margin around no effect",
     "opposite": "the interval excludes no effect, on the other side",
@@ -148,7 +149,9 @@ VERDICTS = {
 }
 
 
-def verdict(mean: float, p: dict[str, float], reported: float | None, direction: int, n: int, min_seeds: int) -> str:
+def verdict(
+    mean: float, p: dict[str, float], reported: float | None, direction: int, n: int, min_seeds: int
+) -> str:
     """The rules of ``VERDICTS``, from p-values (raw or adjusted) at ALPHA. ``direction``: the sign of the
     paper's effect; 0 for a two-sided question (a factorial's interactions)."""
     if n < min_seeds or not math.isfinite(p.get("p_zero", math.nan)):

@@ -1,14 +1,7 @@
 """The Optuna study behind ``AlexNetOptunaSweeper``: ask -> launch -> tell, batch by batch, until the study
 has ``n_trials`` finished trials. Optuna samples, prunes and keeps the state; this module translates.
 
-Hydra's sweep syntax becomes Optuna distributions:
-- ``choice(a, b)``, ``a,b``, ``shuffle(range(...))``, ``glob(...)``  -> CategoricalDistribution
-- ``range(start, stop, step)`` (Hydra's stop is exclusive)           -> IntDistribution, or FloatDistribution
-                                                                         with ``step`` for float steps
-- ``interval(low, high)``                                             -> FloatDistribution
-- ``tag(log, interval(...))``, ``tag(log, range(...))``              -> the same on a log scale
-
-A job's outcome becomes the trial's state:
+The search space comes from Hydra's sweep syntax (``_space.py``). A job's outcome becomes the trial's state:
 - it returned its summary with a finite ``metric``             -> COMPLETE, with that value
 - it raised ``optuna.TrialPruned`` (its pruner stopped it)     -> PRUNED
 - it raised anything else, or its metric is missing or not a
@@ -29,16 +22,15 @@ from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from ._space import SearchParam, SearchSpaceError, params_to_entries, parse_search_space
 from .trials import job_overrides, open_storage, redact
 
 log = logging.getLogger(__name__)
@@ -46,22 +38,8 @@ log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-class SearchSpaceError(ValueError):
-    """A search-space entry Optuna cannot sample. The message starts with the entry."""
-
-
 class TooManyFailuresError(RuntimeError):
     """More trials failed than ``max_failure_rate`` allows."""
-
-
-@dataclass(frozen=True)
-class SearchParam:
-    name: str  # Optuna's parameter name: the config key, e.g. optimizer.lr
-    key: str  # the override's key as written, with its +/++ prefix when it has one
-    distribution: BaseDistribution
-
-    def override(self, value: Any) -> str:
-        return f"{self.key}={Transformer.str(value)}"
 
 
 @dataclass(frozen=True)
@@ -71,70 +49,6 @@ class Outcome:
     reason: str | None = None  # why it failed, or when the pruner stopped it
     exception: BaseException | None = None
     value_from: str | None = None  # how the value was made, when it is not the job's metric itself
-
-
-def to_distribution(override: Override) -> BaseDistribution:
-    """One sweep override (``optimizer.lr=tag(log, interval(1e-4, 0.1))``) as an Optuna distribution."""
-    sweep = override.value()
-    entry = override.input_line
-    tags = set(getattr(sweep, "tags", set()))
-    if tags - {"log"}:
-        raise SearchSpaceError(
-            f"{entry}: unknown tag {', '.join(sorted(tags - {'log'}))}; the sweeper reads one tag, "
-            "'log' (sample on a log scale)."
-        )
-    log_scale = "log" in tags
-    try:
-        if override.is_interval_sweep():
-            return FloatDistribution(sweep.start, sweep.end, log=log_scale)
-        if override.is_range_sweep() and not sweep.shuffle:
-            values = list(override.sweep_iterator())
-            if not values:
-                raise SearchSpaceError(f"{entry}: the range is empty (Hydra's range() excludes its stop).")
-            low, high, step = min(values), max(values), abs(sweep.step)
-            if all(isinstance(v, int) for v in values):
-                return IntDistribution(low, high, step=step, log=log_scale)
-            return FloatDistribution(low, high, step=step, log=log_scale)
-        if log_scale:
-            raise SearchSpaceError(f"{entry}: 'log' applies to interval() and range(), not to choices.")
-        choices = list(override.sweep_iterator())
-        for choice in choices:
-            if not isinstance(choice, (str, int, float, bool)):
-                raise SearchSpaceError(
-                    f"{entry}: a choice must be a number, a string or a boolean, not {choice!r}."
-                )
-        return CategoricalDistribution(choices)
-    except SearchSpaceError:
-        raise
-    except ValueError as err:  # Optuna's own checks: low > high, log scale from 0, log with a step, ...
-        raise SearchSpaceError(f"{entry}: {err}") from None
-
-
-def params_to_entries(params: Mapping[str, Any]) -> list[str]:
-    """``hydra.sweeper.params`` as override strings. Sweep syntax is a string already; a plain YAML value
-    (``0.0``, ``null``, ``[1, 2]``) is written back in override syntax."""
-    return [f"{key}={v if isinstance(v, str) else Transformer.str(v)}" for key, v in params.items()]
-
-
-def parse_search_space(
-    entries: Sequence[str], parser: OverridesParser
-) -> tuple[list[SearchParam], list[str]]:
-    """(the searched parameters, the overrides every trial gets unchanged). A later entry for the same key
-    wins, so the command line (after hydra.sweeper.params) can fix a searched key or search a fixed one."""
-    latest: dict[str, Override] = {}
-    for override in parser.parse_overrides(list(entries)):
-        name = override.get_key_element().lstrip("+~")
-        earlier = latest.get(name)
-        if earlier is not None and earlier.is_sweep_override() and not override.is_sweep_override():
-            log.info("%s is fixed by %s: not searched", name, override.input_line)
-        latest[name] = override
-    space, fixed = [], []
-    for name, override in latest.items():
-        if override.is_sweep_override():
-            space.append(SearchParam(name, override.get_key_element(), to_distribution(override)))
-        else:
-            fixed.append(override.input_line)
-    return space, fixed
 
 
 class OptunaSweeperImpl(Sweeper):
@@ -200,7 +114,8 @@ class OptunaSweeperImpl(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.hydra_context is not None and self.launcher is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        space, fixed = parse_search_space(params_to_entries(self.params) + list(arguments), parser)
+        integers = lambda key: type(OmegaConf.select(self.config, key, default=None)) is int  # noqa: E731
+        space, fixed = parse_search_space(params_to_entries(self.params) + list(arguments), parser, integers)
         if not space:
             raise SearchSpaceError(
                 "Nothing to search: hydra.sweeper.params and the command line have no choice(), range() "
