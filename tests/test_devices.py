@@ -43,7 +43,12 @@ def grouped_grads(split: TwoDeviceAlexNet, grouped: AlexNet) -> dict[str, torch.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("input_size", [32, 227])
-SPLIT_CASES = [("overlapping", None), ("non_overlapping", None), ("overlapping", "conv3"), ("overlapping", "conv5")]
+SPLIT_CASES = [
+    ("overlapping", None),
+    ("non_overlapping", None),
+    ("overlapping", "conv3"),
+    ("overlapping", "conv5"),
+]
 
 
 @pytest.mark.parametrize(("pool", "removed"), SPLIT_CASES)
