@@ -41,8 +41,6 @@ def grouped_grads(split: TwoDeviceAlexNet, grouped: AlexNet) -> dict[str, torch.
     return grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("input_size", [32, 227])
 SPLIT_CASES = [
     ("overlapping", None),
     ("non_overlapping", None),
@@ -51,6 +49,8 @@ SPLIT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("input_size", [32, 227])
 @pytest.mark.parametrize(("pool", "removed"), SPLIT_CASES)
 def test_two_devices_compute_the_grouped_function(dtype: torch.dtype, input_size: int, pool: str, removed):
     """Same weights, same outputs and same gradients (of the weights and of the input), LRN on; also without
