@@ -121,8 +121,8 @@ def check_reachable(uri: str, seconds: float = 10.0) -> None:
     except (OSError, ValueError) as err:
         raise TrackingError(
             f"Cannot reach the MLflow tracking server at {mask_secrets(uri)} ({mask_secrets(str(err))}). "
-            "Start it (mlflow server --host ... --port ..., or scripts/team_server.sh), fix logger.tracking_uri / "
-            "MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
+            "Start it (mlflow server --host ... --port ..., or scripts/team_server.py), fix "
+            "logger.tracking_uri / MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
         ) from None
 
 

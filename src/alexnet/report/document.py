@@ -43,10 +43,10 @@ def header(settings: Settings) -> list:
         "effect, against the paper's number and of equivalence, each a family): the chance that any "
         "corrected verdict is wrong stays at 5%.",
         "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its "
-        "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, from the "
-        "noise measured so far (the seeds' part shrinks with more seeds; the test set's part does not, so "
-        "some effects cannot be reached by seeds alone: `-`). Add seeds with `seed=4,5,...`: finished runs "
-        "are skipped, only the new seeds train.",
+        "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, "
+        "from the noise measured so far (the seeds' part shrinks with more seeds; the test set's part does "
+        "not, so some effects cannot be reached by seeds alone: `-`). Add seeds with `seed=4,5,...`: "
+        "finished runs are skipped, only the new seeds train.",
     ]
 
 
