@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from alexnet.config import DataConfig, Dataset
-from alexnet.data import AlexNetDataModule, EpochShuffle, cached_stats, decode_files, tensor_key
+from alexnet.data import AlexNetDataModule, EpochShuffle, cached_stats, tensor_key
+from alexnet.images import decode_files
 from alexnet.model import AlexNet
 from alexnet.module import AlexNetModule
 from alexnet.presets import Draws, PixelStats, pca_color_offsets, random_crops, random_flips, ten_views

@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision.datasets import cifar
 
 from alexnet.config import DataConfig, Dataset
-from alexnet.data import CIFAR10_CLASSES, AlexNetDataModule, DataNotFoundError, decode_files
+from alexnet.data import CIFAR10_CLASSES, AlexNetDataModule, DataNotFoundError
+from alexnet.images import decode_files
 
 
 def cifar_module(root: Path, **overrides) -> AlexNetDataModule:

@@ -64,6 +64,9 @@ class DataConfig:
     # Training images the pixel statistics (mean, std, RGB covariance) are computed from; null = all.
     stats_images: int | None = None
     cache_dir: str | None = None
+    # Keep the decoded images on the training device (a GPU): batches are gathered there, no copies per
+    # step. For in-memory data sets; a no-op on the CPU.
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         require(self.image_size in (32, 227), "data.image_size", self.image_size, "use 227 or 32")

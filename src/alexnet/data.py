@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -28,145 +27,25 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms import v2
 
 from alexnet.config import IN_MEMORY, DataConfig
 from alexnet.config import Dataset as Kind
 from alexnet.errors import DataError
+from alexnet.images import (
+    canvas_transform,
+    decode_files,
+    how_to_get,
+    list_image_folder,
+    read_rgb,
+    test_split_of,
+)
 from alexnet.presets import Draws, PixelStats, Preset
 from alexnet.seeding import generator
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DataNotFoundError = DataError  # the name earlier versions raised
-
-
-def _how_to_get(kind: Kind) -> str:
-    if kind is Kind.cifar10:
-        return (
-            "Point data.root (or the ALEXNET_DATA_DIR environment variable, which holds cifar10/) at a "
-            "folder "
-            "with train/<class>/*.jpg and test/<class>/*.jpg or torchvision's cifar-10-batches-py/, or add "
-            "data.download=true to let torchvision download it (needs internet)."
-        )
-    return "Point data.root at a folder with train/<class>/* and test/<class>/* (or val/<class>/*) images."
-
-
-@dataclass
-class DataFacts:
-    """What a data set is, read before any run opens: its classes, its test folder, and a fingerprint of its
-    files (names within the root and sizes), so that a moved copy is the same data and an edited one not."""
-
-    num_classes: int | None
-    test_split: str
-    fingerprint: str
-
-
-def probe(cfg: DataConfig) -> DataFacts:
-    """List the data set's files (no decoding): fail now, with the folder named, if they are not there."""
-    if cfg.dataset is Kind.synthetic:
-        return DataFacts(cfg.num_classes, cfg.test_split or "test", "synthetic")
-    root = Path(cfg.root).expanduser()
-    test_split = test_split_of(cfg)
-    digest = hashlib.sha256()
-    if cfg.dataset is Kind.cifar10 and not (root / "train").is_dir():
-        arrays = root / "cifar-10-batches-py"
-        if not arrays.is_dir() and not cfg.download:
-            raise DataError(f"CIFAR-10 not found under {root}. {_how_to_get(cfg.dataset)}")
-        for f in sorted(arrays.glob("*")) if arrays.is_dir() else []:
-            digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        return DataFacts(
-            cfg.num_classes, test_split, digest.hexdigest()[:16] if arrays.is_dir() else "download"
-        )
-    classes = None
-    for split in ("train", test_split):
-        files, _, found = list_image_folder(root / split, cfg.dataset)
-        classes = classes or found
-        if found != classes:
-            raise DataError(
-                f"The class folders of {root / 'train'} and {root / split} differ "
-                f"({sorted(set(classes) ^ set(found))}): labels would not match. Make them equal."
-            )
-        for f in files:
-            digest.update(f"{f.relative_to(root)}:{f.stat().st_size}\n".encode())
-    return DataFacts(len(classes), test_split, digest.hexdigest()[:16])
-
-
-def test_split_of(cfg: DataConfig) -> str:
-    """``data.test_split``; when null (data=folder), ``test`` if the root has that folder, else ``val``."""
-    if cfg.test_split is not None:
-        return cfg.test_split
-    root = Path(cfg.root).expanduser()
-    return "test" if (root / "test").is_dir() or not (root / "val").is_dir() else "val"
-
-
-def list_image_folder(split_dir: Path, kind: Kind) -> tuple[list[Path], list[int], tuple[str, ...]]:
-    """Files and labels of ``split_dir/<class>/*``, classes in sorted order (torchvision's convention)."""
-    if not split_dir.is_dir():
-        raise DataError(f"No folder {split_dir} (the '{split_dir.name}' split). {_how_to_get(kind)}")
-    classes = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            # An empty class would still take a label and an output unit, silently: refuse it.
-            raise DataError(
-                f"Class folder {split_dir / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                f"add its images or remove the folder."
-            )
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise DataError(f"No images in {split_dir} (expected {split_dir}/<class>/*.jpg). {_how_to_get(kind)}")
-    return files, labels, classes
-
-
-def read_rgb(path: str | Path, data: torch.Tensor | None = None) -> torch.Tensor:
-    """Image file to a uint8 RGB tensor; grayscale and RGBA files are converted to RGB."""
-    try:
-        raw = (
-            data
-            if data is not None
-            else torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        )
-        return decode_image(raw, mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        raise DataError(f"Cannot decode image {path}: {err}. Replace or delete the file.") from None
-
-
-def canvas_transform(resize_size: int) -> v2.Compose:
-    # Section 2: "rescaled the image such that the shorter side was of length 256, and then cropped out the
-    # central 256x256 patch". Crops of that canvas are taken per batch by the preset.
-    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(resize_size)])
-
-
-def decode_files(files: list[Path], resize_size: int | None = None) -> torch.Tensor:
-    """Decode image files into one uint8 tensor (N, 3, H, W).
-
-    Without ``resize_size`` every image must have the size of the first (CIFAR-10): JPEGs then go through
-    torchvision's batched decoder, about 10x faster than one call per file. With it, each image is decoded
-    on its own and resized to a ``resize_size`` square canvas, whatever its size (data=folder).
-    """
-    raw = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
-    if resize_size is not None:
-        canvas = canvas_transform(resize_size)
-        return torch.stack([canvas(read_rgb(f, data)) for f, data in zip(files, raw, strict=True)])
-    try:
-        decoded = decode_jpeg(raw, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        decoded = [read_rgb(f, data) for f, data in zip(files, raw, strict=True)]
-    for f, img in zip(files, decoded, strict=True):
-        if img.shape != decoded[0].shape:
-            raise DataError(
-                f"Image {f} is {tuple(img.shape)[1:]} but {files[0]} is {tuple(decoded[0].shape)[1:]}: "
-                "data=cifar10 takes CIFAR-10's 32x32 images. For images of other or mixed sizes use "
-                "data=folder, which resizes each to data.image_size."
-            )
-    return torch.stack(decoded)
 
 
 class InMemoryImages(Dataset):
@@ -309,7 +188,7 @@ class AlexNetDataModule(L.LightningDataModule):
         split = "train" if train else test_split_of(cfg)
         if cfg.dataset is Kind.cifar10 and not (root / "train").is_dir():  # torchvision's arrays
             if not ((root / "cifar-10-batches-py").is_dir() or cfg.download):
-                raise DataError(f"CIFAR-10 not found under {root}. {_how_to_get(cfg.dataset)}")
+                raise DataError(f"CIFAR-10 not found under {root}. {how_to_get(cfg.dataset)}")
             ds = datasets.CIFAR10(str(root), train=train, download=cfg.download)
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             return images, torch.tensor(ds.targets), tuple(ds.classes)
@@ -353,6 +232,10 @@ class AlexNetDataModule(L.LightningDataModule):
         self.val_set = InMemoryImages(full.images[val_idx], full.labels[val_idx], full.classes)
         self.test_set = test
         images = self.train_set.images
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.cfg.on_device and device.type != "cpu":  # CIFAR-10: 180 MB of uint8 on the GPU
+            for split in (self.train_set, self.val_set, self.test_set):
+                split.images, split.labels = split.images.to(device), split.labels.to(device)
         if self.cfg.stats_images is not None:
             images = images[_subset(len(images), self.cfg.stats_images, self.cfg.split_seed)]
         self.stats = cached_stats(tensor_key(images), self.cfg.cache_dir, lambda: PixelStats.of(images))
@@ -411,7 +294,7 @@ class AlexNetDataModule(L.LightningDataModule):
             collate_fn=_already_batched if isinstance(dataset, InMemoryImages) else None,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not self.cfg.on_device,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -427,7 +310,7 @@ class AlexNetDataModule(L.LightningDataModule):
         """The test images' labels, in the order the test loader serves them."""
         test = self.test_set
         if isinstance(test, InMemoryImages):
-            return test.labels.numpy()
+            return test.labels.cpu().numpy()
         return np.asarray([test.dataset.targets[i] for i in test.indices])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -33,6 +33,7 @@ NOT_EXPERIMENT = (
     "data.num_workers",
     "data.cache_dir",
     "data.download",
+    "data.on_device",
     "devices.channels_last",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",

@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from alexnet import ddp, design, devices, search, tracking
 from alexnet.config import CheckedConfig, DataConfig, _typed, check_config
-from alexnet.data import AlexNetDataModule, DataFacts, probe
+from alexnet.data import AlexNetDataModule
 from alexnet.errors import Diverged, UserError
+from alexnet.images import DataFacts, probe
 from alexnet.model import build_network
 from alexnet.module import AlexNetModule
 
