@@ -4,7 +4,8 @@ Trains the paper's network (`model=alexnet`: 227x227, two columns, batch 128, SG
 batches, and prints images/s and the ratio to the baseline, all measured in this one run, interleaved so
 that machine noise hits every row alike:
 
-- one device, fp32: the two-column net in its grouped-convolution form (`devices=one`): the baseline;
+- one device, fp32, NCHW: the two-column net in its grouped-convolution form (`devices=one
+  devices.channels_last=false`): the baseline; every row is NCHW unless it says channels_last;
 - one column (`model.columns=1`), one device, fp32: footnote 2's net, a different function, for reference;
 - model parallel (`devices=model_parallel`): column A on cuda:0, column B on cuda:1 (on a one-GPU machine
   both on cuda:0, said in the row: the code path without a second device);
@@ -12,7 +13,7 @@ that machine noise hits every row alike:
   measured after the other rows in processes of its own; on one GPU (or the CPU, unless
   --cpu-ddp-processes says otherwise) a 1-process DDP, interleaved with the others, which measures DDP's
   overhead only, said in the row;
-- bf16 autocast, channels_last, and both, on one device.
+- bf16 autocast, channels_last (`devices=one` as it trains by default), and both, on one device.
 
     python benchmarks/device_speed.py                                    # a GPU machine: the real numbers
     python benchmarks/device_speed.py --device cpu --input-size 32 --width 0.25 --batch 16 --steps 3
@@ -21,12 +22,10 @@ that machine noise hits every row alike:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
+import datetime
 import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from alexnet.model import AlexNet, TwoDeviceAlexNet  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cpu_name, interleave, sgd_steps  # noqa: E402
+
+from alexnet.devices import TwoDeviceAlexNet  # noqa: E402
+from alexnet.model import AlexNet  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -55,45 +58,24 @@ class Setup:
 
 def build(args: argparse.Namespace, setup: Setup, device: str) -> nn.Module:
     torch.manual_seed(0)
-    net = AlexNet(NUM_CLASSES, args.input_size, columns=setup.columns, width=args.width)
+    net = AlexNet(
+        num_classes=NUM_CLASSES, input_size=args.input_size, columns=setup.columns, width=args.width
+    )
     if setup.devices is not None:
         return TwoDeviceAlexNet(net, setup.devices)
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if setup.channels_last else net
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(index)
-
-
 def images_per_second(
     net: nn.Module, args: argparse.Namespace, setup: Setup, device: str, batch: int
 ) -> Callable[[], float]:
-    """A measurement to repeat: ``args.steps`` timed SGD steps after two warm-up steps."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    """A measurement to repeat: ``args.steps`` timed SGD steps after two warm-up steps (_timing.py)."""
     x = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
     if setup.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(kind, dtype=torch.bfloat16) if setup.bf16 else contextlib.nullcontext()
-
-    def measure() -> float:
-        for step in range(args.steps + 2):
-            if step == 2:
-                synchronize(device)
-                start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = nn.functional.cross_entropy(net(x), y)
-            loss.backward()
-            optimizer.step()
-        synchronize(device)
-        return args.steps * batch / (time.perf_counter() - start)
-
-    return measure
+    return sgd_steps(net, x, y, steps=args.steps, autocast=torch.bfloat16 if setup.bf16 else None)
 
 
 def free_port() -> int:
@@ -166,12 +148,12 @@ def main() -> None:
         column_devices, split = ("cuda:0", "cuda:1") if gpus > 1 else ("cuda:0", "cuda:0"), gpus > 1
         world = gpus
     else:
-        name = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads"
+        name = f"CPU {cpu_name()}, {args.threads} threads"
         column_devices, split, world = ("cpu", "cpu"), False, args.cpu_ddp_processes
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must split evenly over {world} DDP processes")
 
-    baseline = "one device, fp32 (two columns grouped; devices=one)"
+    baseline = "one device, fp32, NCHW (two columns grouped; devices.channels_last=false)"
     mp_note = "" if split else f" (both columns on {column_devices[0]}: one device, no second to gain from)"
     rows: dict[str, Setup] = {
         baseline: Setup(),
@@ -180,7 +162,7 @@ def main() -> None:
             devices=column_devices
         ),
         "bf16 autocast": Setup(bf16=True),
-        "channels_last": Setup(channels_last=True),
+        "channels_last (devices=one's default)": Setup(channels_last=True),
         "bf16 autocast + channels_last": Setup(bf16=True, channels_last=True),
     }
     measures = {
@@ -191,17 +173,14 @@ def main() -> None:
     if world == 1:  # in this process, interleaved with the other rows
         ddp_label += ": one process, so DDP's overhead only"
         measures[ddp_label] = ddp_measure(args, 0, 1, free_port())
-    speeds: dict[str, list[float]] = {label: [] for label in measures}
-    for _ in range(args.rounds):
-        for label, measure in measures.items():
-            speeds[label].append(measure())
+    speeds = interleave(measures, args.rounds)
     if world == 1:
         dist.destroy_process_group()
     else:
         speeds[ddp_label] = spawned_ddp_speeds(args, world)
 
     base = statistics.median(speeds[baseline])
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {name}; torch {torch.__version__}; {datetime.date.today().isoformat()}")
     size = f"{args.input_size}x{args.input_size}"
     print(
         f"network: {size}, width {args.width}, batch {args.batch}, {args.steps} steps x {args.rounds} rounds"

@@ -2,37 +2,27 @@
 
 Trains the 32x32 network (the default `model=alexnet_cifar`, width 0.5, batch 128, SGD) on random
 batches three ways: without LRN, with this project's LRN, and with torch's module (alpha scaled by n so it
-computes the same function). Prints images/s and the ratios to the no-LRN net, measured in this one run,
-interleaved so that machine noise hits all three alike. Target (issue: core platform): ours >= 0.8x.
+computes the same function). All three in the layout training uses (channels_last, `devices.channels_last`'s
+default; --layout nchw for the other). Prints images/s and the ratios to the no-LRN net, measured in this one
+run, interleaved so that machine noise hits all three alike. Target (issue: core platform): ours >= 0.8x.
 
-    python benchmarks/lrn_speed.py [--width 0.5] [--batch 128] [--steps 8] [--rounds 3]
+    python benchmarks/lrn_speed.py [--width 0.5] [--batch 128] [--steps 8] [--rounds 3] [--layout nchw]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleave, machine, medians, sgd_steps  # noqa: E402
+
 from alexnet.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, AlexNet  # noqa: E402
-
-
-def images_per_second(net: nn.Module, batch: int, steps: int) -> float:
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    for step in range(steps + 2):  # two warm-up steps
-        if step == 2:
-            start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    return steps * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -43,6 +33,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     args = parser.parse_args()
     torch.manual_seed(0)
     nets = {
@@ -54,15 +45,17 @@ def main() -> None:
     for name in ("lrn1", "lrn2"):
         torch_lrn = nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
         setattr(nets["torch.nn.LocalResponseNorm"].features, name, torch_lrn)
-    speeds: dict[str, list[float]] = {name: [] for name in nets}
-    for _ in range(args.rounds):
-        for name, net in nets.items():
-            speeds[name].append(images_per_second(net, args.batch, args.steps))
-    base = statistics.median(speeds["no LRN"])
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, width {args.width}, batch {args.batch}")
-    for name, values in speeds.items():
-        median = statistics.median(values)
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    if args.layout == "channels_last":
+        nets = {name: net.to(memory_format=torch.channels_last) for name, net in nets.items()}
+        x = x.contiguous(memory_format=torch.channels_last)
+    speeds = medians(
+        interleave({name: sgd_steps(net, x, y, steps=args.steps) for name, net in nets.items()}, args.rounds)
+    )
+    base = speeds["no LRN"]
+    print(machine())
+    print(f"width {args.width}, batch {args.batch}, {args.layout}, {args.steps} steps x {args.rounds} rounds")
+    for name, median in speeds.items():
         print(f"{name:28s} {median:7.1f} images/s   ratio to no LRN: {median / base:.2f}")
 
 

@@ -51,7 +51,7 @@ def fit_and_test(p: task.Prepared, files: ddp.JobFiles, logger, run_id: str | No
     summary = module.summary()
     if not p.cfg.test_after_fit:
         return Fitted(summary, trainer.global_step)
-    best = parts.checkpoints.best_model_path or None
+    best = (parts.checkpoints.best_model_path or None) if parts.checkpoints else None
     trainer.test(module, datamodule=data, ckpt_path=best, weights_only=True)
     summary.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return Fitted(summary, trainer.global_step, None, module.test_outcomes, data.test_set_labels())

@@ -418,20 +418,32 @@ def test_killed_model_parallel_job_resumes_with_the_same_result(train_run, tmp_p
 
 
 def test_device_speed_benchmark_runs_on_the_cpu():
+    """Every setup's row is there, every images/s is positive, and every ratio is that row's images/s over
+    the baseline's (the NCHW one-device row), within the rounding of the printed numbers."""
+    import re  # here: this file's imports belong to its other tests
+
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "device_speed.py"), "--device", "cpu",
          "--input-size", "32", "--width", "0.125", "--batch", "8", "--steps", "1", "--rounds", "1",
          "--threads", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
-    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith("x")]
-    labels = ("one device, fp32", "one column", "model parallel", "bf16 autocast", "channels_last",
-              "bf16 autocast + channels_last", "DDP x1")  # fmt: skip
+    rows = {}  # label: (images/s, ratio)
+    for line in proc.stdout.splitlines():
+        if match := re.fullmatch(r"(.+?)\s+(\d+\.\d)\s+(\d+\.\d\d)x", line.rstrip()):
+            rows[match.group(1)] = (float(match.group(2)), float(match.group(3)))
+    labels = ("one device, fp32, NCHW", "one column", "model parallel", "bf16 autocast",
+              "channels_last", "bf16 autocast + channels_last", "DDP x1")  # fmt: skip
     for label in labels:
         assert any(row.startswith(label) for row in rows), (label, proc.stdout)
-    baseline = next(row for row in rows if row.startswith("one device, fp32"))
-    assert baseline.split()[-1] == "1.00x"
-    assert "device: CPU" in proc.stdout
+    assert len(rows) == len(labels), proc.stdout
+    (base,) = [speed for label, (speed, _) in rows.items() if label.startswith("one device, fp32, NCHW")]
+    for label, (speed, ratio) in rows.items():
+        assert speed > 0, (label, proc.stdout)
+        # Rounding alone: images/s printed to 0.05, ratios to 0.005.
+        slack = 0.005 + (0.05 + speed / base * 0.05) / (base - 0.05) + 1e-9
+        assert abs(ratio - speed / base) <= slack, (label, speed, base, ratio)
+    assert "device: CPU" in proc.stdout and "network: 32x32, width 0.125, batch 8" in proc.stdout
 
 
 @pytest.mark.slow

@@ -298,3 +298,47 @@ def test_a_factorial_multirun_reports_every_main_effect(train_run, tmp_path: Pat
     lrn = next(line for line in effects if "lrn_off" in line)
     assert "| -1.4 |" in lrn and "+ablation=factorial experiment=smoke" in lrn
     assert sum("| interaction chain " in line for line in md.splitlines()) == 7
+
+
+@pytest.fixture
+def figure1_store(tmp_path: Path):
+    """Figure 1's runs: each arm at two learning rates; seeds 101 and 102 choose the rate, seeds 1-3 are
+    reported. At ReLU's rate 0.03 one selection seed diverged (its survivor was fast); at tanh's rate 0.01
+    seed 2 was run twice (resume=never), the newer run slower."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fig1", artifact_location=str(tmp_path / "artifacts"))
+    base = {**BASE, "model.arch": "figure1_cnn", "model.width": "1.0", "trainer.max_epochs": "40",
+            "model.lrn": "False", "model.columns": "1", "model.dropout": "0.0"}  # fmt: skip
+    epochs = {  # (activation, lr): {seed: epochs to 25%, or None: diverged}
+        ("relu", "0.01"): {101: 4.0, 102: 4.4, 1: 4.1, 2: 3.9, 3: 4.0},
+        ("relu", "0.03"): {101: 2.0, 102: None, 1: 2.1, 2: 2.0, 3: 1.9},
+        ("tanh", "0.01"): {101: 20.0, 102: 22.0, 1: 21.0, 2: 19.0, 3: 20.0},
+        ("tanh", "0.003"): {101: 30.0, 102: 31.0, 1: 30.0, 2: 29.0, 3: 33.0},
+    }
+    for (activation, lr), by_seed in epochs.items():
+        params = {**base, "model.activation": activation, "optimizer.lr": lr}
+        for seed, e in by_seed.items():
+            if e is None:
+                log_run(client, exp, seed, params, status="FAILED", tags={"diverged": "true", "error": "nan"})
+            else:
+                log_run(client, exp, seed, params, metrics={"final/epochs_to_target": e})
+    log_run(client, exp, 2, {**base, "model.activation": "tanh", "optimizer.lr": "0.01"},
+            metrics={"final/epochs_to_target": 23.0})  # fmt: skip
+    return uri
+
+
+def test_figure1_chooses_rates_on_held_out_seeds_counts_failures_as_censored_and_keeps_the_newest_run(
+    figure1_store, tmp_path: Path
+):
+    rows, _ = make_report("fig1", figure1_store, tmp_path / "out", log_to_mlflow=False)
+    (fig1,) = [r for r in rows if r.claim.name == "figure1"]
+    # ReLU at 0.03 would win on its one surviving selection seed (2.0 epochs); counted as censored at 40
+    # for the diverged one, 0.01 (4.2 on average) wins. tanh's 0.01 wins (21 against 30.5).
+    assert any("paper: best optimizer.lr/optimizer.min_lr = 0.01," in n and "on the selection seeds" in n
+               for n in fig1.notes)  # fmt: skip
+    assert sorted(fig1.per_seed) == [1, 2, 3]  # the selection seeds are not reported
+    assert fig1.per_seed[2] == pytest.approx(23.0 / 3.9)  # the newer of seed 2's two runs
+    expected = math.exp(np.mean(np.log([21.0 / 4.1, 23.0 / 3.9, 20.0 / 4.0])))
+    assert math.exp(fig1.estimate.mean) == pytest.approx(expected)
+    assert fig1.verdict == "reproduced" and fig1.estimate.n == 3

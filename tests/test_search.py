@@ -65,6 +65,21 @@ def test_sweep_syntax_becomes_optuna_distributions():
     assert by_name["model.activation"].override("a b") == "model.activation=a\\ b"
 
 
+def test_an_interval_on_an_integer_key_samples_integers():
+    """`trainer.max_epochs=interval(5, 30)`: a float trial value would fail the config check and stop the
+    study, so an interval on a key that holds an integer is sampled as integers."""
+    space, _ = parse_search_space(
+        ["trainer.max_epochs=interval(5, 30)", "optimizer.lr=interval(0.001, 0.1)"],
+        OverridesParser.create(),
+        integer=lambda key: key == "trainer.max_epochs",
+    )
+    got = {p.name: p.distribution for p in space}
+    assert got == {
+        "trainer.max_epochs": IntDistribution(5, 30),
+        "optimizer.lr": FloatDistribution(0.001, 0.1),
+    }
+
+
 def test_the_command_line_wins_over_the_config_search_space():
     entries = params_to_entries({"optimizer.lr": "tag(log, interval(1e-4, 0.1))", "model.dropout": 0.0})
     assert entries == ["optimizer.lr=tag(log, interval(1e-4, 0.1))", "model.dropout=0.0"]
@@ -121,6 +136,9 @@ def test_the_shipped_searches_compose_and_parse(
     if study.startswith("figure1"):
         assert sweeper.metric == "final/epochs_to_target"
         assert sweeper.fallback_offset == cfg.trainer.max_epochs
+        # Figure 1's protocol: the four-layer net, a fixed rate, no regularization, stopped at 25%.
+        assert cfg.model.arch.value == "figure1_cnn" and cfg.stop_at_target and not cfg.data.crops
+        assert cfg.optimizer.min_lr == cfg.optimizer.lr and cfg.optimizer.weight_decay == 0.0
 
 
 # --- The sweeper's bookkeeping, with a stand-in launcher -------------------------------------------------

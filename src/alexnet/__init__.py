@@ -1,8 +1,14 @@
-"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and the machinery to ablate it.
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and the machinery to ablate it. One concept, one module:
 
-- ``alexnet.model``: the network and its switches
-- ``alexnet.module``: the training recipe (LightningModule) and the measured errors
-- ``alexnet.data``: data sets, splits and transforms
-- ``alexnet.tracking``: what each run records in MLflow
-- ``alexnet.config``: typed schemas and the up-front config check
+- ``model``: the network, its switches (``ModelConfig``) and the paper's LRN
+- ``devices``, ``ddp``: where the network runs: one device, the columns on two, data parallel
+- ``module``: the training recipe (LightningModule), the measured errors, per-image test outcomes
+- ``data``, ``images``, ``presets``: data sets and loaders; image files; section 4.1's augmentation
+- ``seeding``: common random numbers, the run seed's streams
+- ``config``: the other config groups' schemas and the check before anything runs
+- ``identity``, ``tracking``, ``task``: what a run is; what it records in MLflow; the life of a job
+- ``design``: fractional factorial designs over arms
+- ``search``: an Optuna trial inside a job
+- ``report``: the measured-vs-reported report (claims, runs, statistics, analysis, rendering)
+- ``errors``: the mistakes a person fixes, reported in one line
 """

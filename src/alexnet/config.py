@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields
-from enum import Enum
 from typing import Any, Literal, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
@@ -20,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from alexnet.errors import ConfigError, require
-from alexnet.model import Arch, ModelConfig
+from alexnet.model import Arch, Choice, ModelConfig
 
 
-class Dataset(str, Enum):
+class Dataset(Choice):
     cifar10 = "cifar10"  # torchvision's cifar-10-batches-py/ or an ImageFolder of its 32x32 images
     folder = "folder"  # any ImageFolder of small images, resized to data.image_size and kept in memory
     imagefolder = "imagefolder"  # an ImageNet-style tree of large images, decoded batch by batch
@@ -116,7 +115,7 @@ class DataConfig:
         )
 
 
-class Schedule(str, Enum):
+class Schedule(Choice):
     plateau = "plateau"  # section 5: divide when the validation error stops improving
     milestones = "milestones"  # divide at fixed epochs: the same drops, planned for a fixed budget
 
@@ -156,7 +155,7 @@ class OptimizerConfig:
         )
 
 
-class DeviceMode(str, Enum):
+class DeviceMode(Choice):
     one = "one"
     model_parallel = "model_parallel"
     ddp = "ddp"

@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import read_write
+from omegaconf import DictConfig, read_write
 
 from alexnet.config import DevicesConfig
 from alexnet.errors import ConfigError
@@ -31,7 +31,26 @@ HANDOFF_ENV = "ALEXNET_DDP_JOB"
 # What Lightning's launcher leaves in the launching process's environment; a sweep's next job must not see it
 # (LOCAL_RANK would make Lightning believe that someone else launched the processes, and wait for them).
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+# What makes Lightning take a process for one of SLURM's tasks (SLURMEnvironment.detect).
+_SLURM_TASKS = ("SLURM_NTASKS",)
 _BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# hydra/launcher=submitit_local and submitit_slurm: each job is a process of its own, as a single run is.
+_SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+_SUBMITIT_SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+# The script the user started (src/train.py), for the relaunch of a DDP job's other processes where the
+# job's process is not that script: submitit runs each job as `python -m submitit.core._submit <folder>`.
+# Recorded in the environment, which submitit's jobs inherit, when this module is imported by the script.
+SCRIPT_ENV = "ALEXNET_SCRIPT"
+
+
+def _record_script() -> None:
+    import __main__
+
+    if getattr(__main__, "__spec__", None) is None and getattr(__main__, "__file__", None):
+        os.environ[SCRIPT_ENV] = os.path.abspath(__main__.__file__)
+
+
+_record_script()
 
 
 def rank() -> int:
@@ -76,16 +95,47 @@ def handed_over() -> JobFiles:
 
 
 def check_launcher(devices: DevicesConfig) -> None:
-    """Lightning starts a DDP job's other processes by running ``src/train.py`` again; inside a joblib worker
-    there is no such command line. Stop before anything is tracked."""
+    """Lightning starts a DDP job's other processes by running ``src/train.py`` again with the job's
+    overrides. That works where the job has a process of its own: Hydra's basic launcher (the sweep's
+    process, one job after another) and submitit's launchers (a process per job, locally or on a SLURM node);
+    inside a joblib worker, which runs many jobs, it does not. Stop before anything is tracked."""
     if devices.processes == 1 or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    launcher = HydraConfig.get().launcher.get("_target_")
-    if launcher != _BASIC_LAUNCHER:
+    launcher_cfg = HydraConfig.get().launcher
+    launcher = launcher_cfg.get("_target_")
+    tasks, nodes = launcher_cfg.get("tasks_per_node", 1), launcher_cfg.get("nodes", 1)
+    if launcher == _SUBMITIT_SLURM and (tasks, nodes) != (1, 1):
         raise ConfigError(
-            f"devices=ddp in a sweep needs Hydra's basic launcher (one job after another), not {launcher}: "
-            "each DDP job launches its own processes, one per device. Drop hydra/launcher=... for this sweep."
+            "devices=ddp under hydra/launcher=submitit_slurm needs one task on one node per job "
+            f"(hydra.launcher.tasks_per_node=1 and hydra.launcher.nodes=1, not {tasks} and {nodes}): the job "
+            "starts its devices.count processes itself. Ask SLURM for the devices with "
+            "hydra.launcher.gpus_per_node (or cpus_per_task)."
         )
+    if launcher not in (_BASIC_LAUNCHER, _SUBMITIT_LOCAL, _SUBMITIT_SLURM):
+        raise ConfigError(
+            f"devices=ddp in a sweep needs Hydra's basic launcher (one job after another) or a submitit one "
+            f"(hydra/launcher=submitit_local or submitit_slurm: a process per job), not {launcher}: each DDP "
+            "job launches its own processes, one per device. Drop hydra/launcher=... for this sweep, or use "
+            "submitit."
+        )
+
+
+def _submitit() -> bool:
+    return HydraConfig.get().launcher.get("_target_") in (_SUBMITIT_LOCAL, _SUBMITIT_SLURM)
+
+
+def _submitit_argv(hydra_cfg: DictConfig) -> list[str]:
+    """What stands for ``sys.argv`` in a submitit job (whose own is submitit's): the script the user
+    started, and the config it was composed from (submitit's process never saw -cp, -cn or -cd)."""
+    script = os.environ.get(SCRIPT_ENV) or str(Path(os.environ.get("PROJECT_ROOT", ".")) / "src" / "train.py")
+    argv = [script, "--config-name", str(hydra_cfg.job.config_name)]
+    for source in hydra_cfg.runtime.config_sources:
+        location = str(source.path) if source.schema == "file" else f"{source.schema}://{source.path}"
+        if source.provider == "main":
+            argv[1:1] = ["--config-path", location]
+        elif source.provider == "command-line":
+            argv += ["--config-dir", location]
+    return argv
 
 
 def _single_run_argv(argv: list[str], hydra_overrides: list[str], task_overrides: list[str]) -> list[str]:
@@ -123,21 +173,32 @@ def ddp_job(devices: DevicesConfig, files: JobFiles) -> Iterator[None]:
     if devices.processes == 1:
         yield
         return
-    saved_env = {key: os.environ.get(key) for key in (*_LAUNCHER_ENV, HANDOFF_ENV)}
+    saved_env = {key: os.environ.get(key) for key in (*_LAUNCHER_ENV, HANDOFF_ENV, *_SLURM_TASKS)}
     saved_argv, threads = list(sys.argv), torch.get_num_threads()
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    submitit = sweep and _submitit()
     saved_run_dir = hydra_cfg.run.dir if sweep else None
+    main_module = sys.modules["__main__"]
+    saved_spec = getattr(main_module, "__spec__", None)
     os.environ[HANDOFF_ENV] = files.to_json()
     try:
         if sweep:
-            sys.argv = _single_run_argv(
-                sys.argv, list(hydra_cfg.overrides.hydra), list(hydra_cfg.overrides.task)
-            )
+            argv = _submitit_argv(hydra_cfg) if submitit else sys.argv
+            sys.argv = _single_run_argv(argv, list(hydra_cfg.overrides.hydra), list(hydra_cfg.overrides.task))
             with read_write(hydra_cfg):
                 hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # where the other ranks' Hydra logs go
+        if submitit:
+            # Lightning relaunches `python -m <__main__'s module>` when __main__ has a spec (here submitit's
+            # runner); without one, `python <sys.argv[0]>`: the script.
+            main_module.__spec__ = None
+            # On a SLURM node Lightning would expect SLURM to have started one task per device; the job has
+            # one task (check_launcher), and Lightning starts the other processes itself, as on a workstation.
+            for key in _SLURM_TASKS:
+                os.environ.pop(key, None)
         yield
     finally:
+        main_module.__spec__ = saved_spec
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         for key, value in saved_env.items():

@@ -23,33 +23,40 @@ from alexnet.errors import require
 from alexnet.seeding import generator
 
 
-class Arch(str, Enum):
+class Choice(str, Enum):
+    """A switch's allowed values; shown as the value itself (``tanh``), also inside interpolated strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Arch(Choice):
     alexnet = "alexnet"
     figure1_cnn = "figure1_cnn"  # Figure 1's four-layer CIFAR-10 net
 
 
-class Activation(str, Enum):
+class Activation(Choice):
     relu = "relu"
     tanh = "tanh"
     sigmoid = "sigmoid"
 
 
-class Pool(str, Enum):
+class Pool(Choice):
     overlapping = "overlapping"  # 3x3, stride 2 (section 3.4)
     non_overlapping = "non_overlapping"  # 2x2, stride 2: "output of equivalent dimensions"
 
 
-class PoolType(str, Enum):
+class PoolType(Choice):
     max = "max"
     avg = "avg"  # LeNet-5's choice
 
 
-class Init(str, Enum):
+class Init(Choice):
     paper = "paper"  # N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7 (section 5)
     kaiming = "kaiming"  # He-normal with the activation's gain, zero biases
 
 
-class MiddleConv(str, Enum):
+class MiddleConv(Choice):
     """Section 6: "removing any of the middle convolutional layers results in a loss of about 2%"."""
 
     conv3 = "conv3"

@@ -94,6 +94,11 @@ class AlexNetModule(L.LightningModule):
         metrics.update(logits.detach(), labels)
         if stage == "train":
             self.train_loss.update(loss.detach(), weight=len(labels))
+            # The progress bar's running numbers (the logged curves are whole epochs: on_train_epoch_end).
+            err = (logits.detach().argmax(dim=1) != labels).float().mean()
+            self.log_dict(
+                {"loss": loss.detach(), "err": err}, prog_bar=True, logger=False, on_step=True, on_epoch=False
+            )
         else:
             # sync_dist: under DDP the mean over every process's images (weighted by their batch sizes).
             self.log(
@@ -107,8 +112,6 @@ class AlexNetModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, self.train_metrics, "train")
-        # The progress bar's running numbers (the logged curves are whole epochs, in on_train_epoch_end).
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         # Diverged: a NaN/inf step would poison every weight. The step's gradients are dropped (see
         # on_after_backward) and training stops; train() marks the run. Under DDP the processes decide
         # together (any one's non-finite loss stops them all) and still run this step's backward: its

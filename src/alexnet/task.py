@@ -87,7 +87,7 @@ class Parts:
     datamodule: AlexNetDataModule
     module: AlexNetModule
     trainer: L.Trainer
-    checkpoints: ModelCheckpoint
+    checkpoints: ModelCheckpoint | None  # None when ~callbacks.model_checkpoint removed it
 
 
 def build(p: Prepared, logger: Any, checkpoint_dir: Path, provenance: dict[str, Any]) -> Parts:
@@ -104,9 +104,11 @@ def build(p: Prepared, logger: Any, checkpoint_dir: Path, provenance: dict[str, 
         stop_at_target=cfg.stop_at_target,
         provenance=provenance,
     )
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    checkpoints = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
-    checkpoints.dirpath = str(checkpoint_dir)
+    callbacks = []
+    for node in (cfg.get("callbacks") or {}).values():  # the checkpoints go to the run's own folder
+        where = {"dirpath": str(checkpoint_dir)} if str(node._target_).endswith("ModelCheckpoint") else {}
+        callbacks.append(hydra.utils.instantiate(node, **where))
+    checkpoints = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     if logger is None:  # callbacks that log need a logger: rank 0's job
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     else:

@@ -14,16 +14,20 @@ server's or a database's) never reaches the tracker or a log line: ``mask_secret
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import tempfile
 import traceback
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,17 @@ from alexnet.identity import config_lock, experiment_params, run_key, run_name
 log = logging.getLogger(__name__)
 
 OUTCOMES_ARTIFACT = "test_outcomes.npz"
+# MLflow 3's UI opens an experiment of this kind on its table of training runs (not on the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The numbers a reader looks for first, also under one prefix, so that they sort together in the UI's column
+# picker and charts (type "headline"): summary key -> headline name.
+HEADLINE = {
+    "test/top1_err_1crop": "headline/test_top1_err",
+    "test/top5_err_1crop": "headline/test_top5_err",
+    "test/top1_err_10crop": "headline/test_top1_err_10views",
+    "best/val_top1_err": "headline/val_top1_err_best",
+    "final/epochs_to_target": "headline/epochs_to_target",
+}
 SWEEP_TAG = "alexnet.sweep"  # on a sweep's parent run: the digest of the sweep's command line
 # user:password@ in any URL (tracking servers, SQLAlchemy database URLs).
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):([^\s@/]+)@")
@@ -52,6 +67,48 @@ _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):([^\s@/]+)@")
 def mask_secrets(text: str) -> str:
     """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``, anywhere in ``text``."""
     return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def has_secret(text: str) -> bool:
+    return mask_secrets(text) != text
+
+
+def _masking_factory(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: the handler reports it as usual
+            return record
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:  # the traceback, formatted once, masked
+            record.exc_text = mask_secrets(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    make.masks_secrets = True  # type: ignore[attr-defined]
+    return make
+
+
+def mask_log_records() -> None:
+    """Mask passwords in URLs in every log record this process creates, whichever logger (Hydra's
+    launchers, the sweeper, MLflow, Lightning) and whichever handler, also those configured later: the
+    record is masked when it is made. Called when this module is imported, which src/train.py does before
+    Hydra logs its first line."""
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "masks_secrets", False):
+        logging.setLogRecordFactory(_masking_factory(factory))
+
+
+mask_log_records()
+
+
+def quiet_run_links(uri: str) -> None:
+    """MLflow's client prints "View run <name> at: <tracking URI>/#/..." to stdout (not through logging)
+    when a run ends: with a password in the URI, it must not."""
+    if has_secret(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 class SecretFilter(logging.Filter):
@@ -115,8 +172,16 @@ def check_reachable(uri: str, seconds: float = 10.0) -> None:
     """Fail in seconds, not after MLflow's minutes of retries, when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    # urllib takes no user:password@ in a URL (MLflow's client, through requests, does): send it as the
+    # Basic authentication header that requests would send.
+    parts = urllib.parse.urlsplit(uri.rstrip("/"))
+    address = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
+    request = urllib.request.Request(f"{address}/health")
+    if parts.username is not None:
+        userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(userinfo.encode()).decode())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds) as response:
+        with urllib.request.urlopen(request, timeout=seconds) as response:
             response.read()
     except (OSError, ValueError) as err:
         raise TrackingError(
@@ -149,7 +214,10 @@ def experiment_id(client: MlflowClient, cfg: DictConfig, uri: str) -> str:
         with store_lock(uri):
             experiment = client.get_experiment_by_name(name)
             if experiment is None or experiment.lifecycle_stage == "deleted":
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+            for key, value in EXPERIMENT_KIND.items():
+                if key not in experiment.tags:
+                    client.set_experiment_tag(experiment.experiment_id, key, value)
             return experiment.experiment_id
     except MlflowException as err:
         raise TrackingError(
@@ -197,8 +265,10 @@ def open_run(cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> TrackedR
     and a job that dies later still leaves a run that says so.
     """
     uri = tracking_uri(cfg)
+    quiet_run_links(uri)
     check_reachable(uri)
-    client = MlflowClient(uri)
+    with store_lock(uri):  # on a new SQLite file MlflowClient creates the tables: parallel jobs race for it
+        client = MlflowClient(uri)
     exp = experiment_id(client, cfg, uri)
     key = run_key(cfg, fingerprint)
     checkpoints = Path(cfg.paths.checkpoint_dir)
@@ -287,6 +357,7 @@ def summary_of(run: Run) -> dict[str, float | None]:
 def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: int) -> None:
     """Per-run numbers as metrics; a target never reached is the tag ``epochs_to_target=never``."""
     metrics = {k: v for k, v in summary.items() if v is not None and not math.isnan(v)}
+    metrics |= {HEADLINE[k]: v for k, v in metrics.items() if k in HEADLINE}
     logger.log_metrics(metrics, step=step)
     if summary.get("final/epochs_to_target") is None:
         logger.experiment.set_tag(logger.run_id, "epochs_to_target", "never")

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from mlflow import MlflowClient
 
 from alexnet.errors import ReportError
@@ -26,9 +29,25 @@ from alexnet.report.analysis import Row, Settings, analyse
 from alexnet.report.claims import CLAIMS_FILE, ROOT, load_claims
 from alexnet.report.plots import plot
 from alexnet.report.runs import REPORT_TAG, RunRecord, fetch_runs, load_outcomes
-from alexnet.tracking import mask_secrets
+from alexnet.tracking import git_commit, mask_secrets
 
 __all__ = ["ROOT", "make_report", "main", "Settings"]
+
+
+def machine() -> str:
+    """This machine in words: its CPU, cores and GPU (the report's timings depend on it)."""
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in info.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    system = f"{platform.system()} {platform.release()}, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; {system}"
 
 
 def default_tracking_uri() -> str:
@@ -43,6 +62,7 @@ def make_report(
     filter_string: str = "",
     log_to_mlflow: bool = True,
     settings: Settings | None = None,
+    page: Path | None = None,
 ) -> tuple[list[Row], list[RunRecord]]:
     settings = settings or Settings()
     client = MlflowClient(tracking_uri)
@@ -67,9 +87,18 @@ def make_report(
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(out, document.sections(rows), curves)
     title = f"AlexNet (2012) claims: measured vs reported - experiment {experiment}"
-    doc = document.build(title, claims, rows, runs, plots, settings)
+    made_by = {
+        "report": f"`python src/report.py {experiment}` at commit `{git_commit(ROOT)[:12]}`, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, from {mask_secrets(tracking_uri)}",
+        "machine": machine(),
+    }
+    doc = document.build(title, claims, rows, runs, plots, settings, made_by)
     (out / "report.md").write_text(render.markdown(doc))
     (out / "report.html").write_text(render.to_html(doc))
+    if page is not None:  # the same Markdown, without the plots (they stay with the report's files)
+        for section in doc.sections:
+            section.blocks = [b for b in section.blocks if not isinstance(b, render.Image)]
+        page.write_text(render.markdown(doc))
     (out / "claims.yaml").write_text(Path(claims_file).read_text())
     if log_to_mlflow:
         _log_report_run(client, exp.experiment_id, out, rows, runs)
@@ -116,12 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-seeds", type=int, default=Settings.min_seeds, help="default: %(default)s")
     parser.add_argument("--margin", type=float, default=Settings.margin, help="points; default: %(default)s")
     parser.add_argument("--no-log", action="store_true", help="do not log a report run to MLflow")
+    parser.add_argument("--page", type=Path, help="also write the Markdown, without plots, to this file")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "reports" / args.experiment
     settings = Settings(min_seeds=args.min_seeds, margin=args.margin)
     try:
         rows, runs = make_report(
-            args.experiment, args.tracking_uri, out, args.claims, args.filter, not args.no_log, settings
+            args.experiment,
+            args.tracking_uri,
+            out,
+            args.claims,
+            args.filter,
+            not args.no_log,
+            settings,
+            args.page,
         )
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)

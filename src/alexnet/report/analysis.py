@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alexnet.report import stats
-from alexnet.report.claims import PAPER_ARM, Claim, Measure, all_arm_keys, load_arm
+from alexnet.report.claims import PAPER_ARM, Claim, Measure, all_arm_keys, level_of, load_arm
 from alexnet.report.runs import RunRecord, by_context, command, context_of, describe, latest_by_seed
 
 
@@ -87,26 +87,21 @@ def paired(
     first: dict[int, RunRecord], second: dict[int, RunRecord], metrics: tuple[str, str]
 ) -> tuple[stats.Estimate, dict[int, float], str]:
     """``first`` minus ``second``, seed by seed (the seeds as blocks: common random numbers)."""
-    seeds = sorted(s for s in first.keys() & second.keys() if all(m in r.metrics for r, m in
-                   ((first[s], metrics[0]), (second[s], metrics[1]))))  # fmt: skip
-    if not seeds:
-        return stats.Estimate(math.nan, math.nan, 0, 0), {}, ""
-    runs = [first[s] for s in seeds] + [second[s] for s in seeds]
-    y, method = errors(runs, [metrics[0]] * len(seeds) + [metrics[1]] * len(seeds))
+    seeds = [s for s in sorted(first.keys() & second.keys())
+             if metrics[0] in first[s].metrics and metrics[1] in second[s].metrics]  # fmt: skip
+    per_seed = {s: 100.0 * (first[s].metrics[metrics[0]] - second[s].metrics[metrics[1]]) for s in seeds}
+    if len(seeds) < 2:  # no interval from one seed
+        mean = next(iter(per_seed.values()), math.nan)
+        return stats.Estimate(mean, math.nan, 0, len(seeds), method="one seed"), per_seed, ""
     n = len(seeds)
+    y, method = errors(
+        [first[s] for s in seeds] + [second[s] for s in seeds], [metrics[0]] * n + [metrics[1]] * n
+    )
     x = np.zeros((2 * n, n + 1))
     x[:n, 0] = 1.0  # first's level
     x[np.arange(2 * n), 1 + np.tile(np.arange(n), 2)] = 1.0  # the seed's block
-    contrast = np.eye(n + 1)[0]
-    if n < 2:
-        return (
-            stats.Estimate(float(y[:n].mean() - y[n:].mean()), math.nan, 0, 1, method="one seed"),
-            {},
-            method,
-        )
-    est = stats.crossed(y, x, contrast, seeds=n)
+    est = stats.crossed(y, x, np.eye(n + 1)[0], seeds=n)
     est.method = method
-    per_seed = {s: 100.0 * (first[s].metrics[metrics[0]] - second[s].metrics[metrics[1]]) for s in seeds}
     return est, per_seed, method
 
 
@@ -134,10 +129,12 @@ def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) 
 
     rows = []
     ignore = (arm.keys if arm else frozenset()) | set(claim.tune)
-    members = [r for r in mine if r.arm == PAPER_ARM or (arm is not None and r.arm == arm.name)]
+    # views: the paper arm's runs alone; otherwise each run's level on the arm's own switches
+    level = {id(r): r.arm if arm is None else level_of(r.params, arm) for r in mine}
+    members = [r for r in mine if level[id(r)] is not None]
     for context, group in by_context(members, ignore).items():
-        a = [r for r in group if r.arm == PAPER_ARM]
-        b = [r for r in group if r.arm != PAPER_ARM]
+        a = [r for r in group if level[id(r)] == PAPER_ARM]
+        b = [r for r in group if level[id(r)] not in (PAPER_ARM, None)]
         if not a or (claim.kind != "views" and not b):
             continue  # this claim's other arm was not run in this context
         text = section_of(a[0], claim.tune)

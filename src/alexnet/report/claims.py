@@ -118,6 +118,17 @@ def paper_values() -> dict[str, str]:
     return {k: str(getattr(v, "value", v)) for k, v in defaults.items() if k in all_arm_keys()}
 
 
+def level_of(params: dict[str, str], arm: Arm) -> str | None:
+    """Where a run stands on one arm's switches: ``paper``, the arm's name, or None (neither). Only the
+    arm's own keys count: the context a run is compared in fixes every other key."""
+    paper = paper_values()
+    if all(params.get(k, paper[k]) == v for k, v in arm.values):
+        return arm.name
+    if all(params.get(k, paper[k]) == paper[k] for k in arm.keys):
+        return PAPER_ARM
+    return None
+
+
 def arm_of(params: dict[str, str]) -> str | None:
     """Which arm a run is, from its switches (not its tags, so that a run that another sweep trained, e.g.
     the factorial's all-paper point, counts too): ``paper`` when every arm key has the paper's value, the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -129,11 +130,26 @@ def noise_table(rows: list[Row]) -> Table:
     return Table(header, body)
 
 
+def provenance(runs: list[RunRecord], made_by: dict[str, str]) -> list:
+    """Where the numbers come from: the runs (their code, their dates, their time) and this report."""
+    tags = {r.tags.get("git_commit", "unknown") for r in runs}
+    commits = sorted(t[:12] + ("-dirty" if t.endswith("-dirty") else "") for t in tags)
+    finished = [r for r in runs if r.finished and r.end]
+    hours = sum((r.end - r.start) for r in finished) / 3_600_000
+    first, last = min(r.start for r in runs), max(r.end or r.start for r in runs)
+    day = lambda ms: datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    made = f"{len(runs)} training runs ({len(finished)} finished), made {day(first)} to {day(last)} UTC"
+    code = "by commit(s) " + ", ".join(f"`{c}`" for c in commits)
+    time = f"{hours:.1f} hours of training in all (their MLflow start and end times)"
+    return [Bullets([f"{made} {code}; {time}", *(f"{key}: {value}" for key, value in made_by.items())])]
+
+
 def build(
     title: str, claims: list[Claim], rows: list[Row], runs: list[RunRecord], plots: dict[str, list[str]],
-    settings: Settings,
+    settings: Settings, made_by: dict[str, str] | None = None,
 ) -> Document:  # fmt: skip
-    doc = Document(title, [Section("How to read this report", header(settings))])
+    doc = Document(title, [Section("Where these numbers come from", provenance(runs, made_by or {}))])
+    doc.sections.append(Section("How to read this report", header(settings)))
     if not rows:
         doc.sections.append(
             Section("No claim could be evaluated", ["No context holds runs of both arms of any claim."])

@@ -19,24 +19,16 @@ import numpy as np
 from alexnet.design import Design
 from alexnet.report import stats
 from alexnet.report.analysis import Row, Settings, errors, section_of
-from alexnet.report.claims import Claim, load_arm, load_claims, paper_values
+from alexnet.report.claims import PAPER_ARM, Claim, level_of, load_arm, load_claims
 from alexnet.report.runs import RunRecord, by_context, command
 
 
 def signs(design: Design, run: RunRecord) -> str | None:
     """The run's point of the design (``+-+...``), or None when a factor's switches sit at neither level."""
-    paper = paper_values()
-    out = []
-    for name in design.factors:
-        arm = load_arm(name)
-        values = {k: run.params.get(k, paper[k]) for k in arm.keys}
-        if all(values[k] == v for k, v in arm.values):
-            out.append("-")
-        elif all(values[k] == paper[k] for k in arm.keys):
-            out.append("+")
-        else:
-            return None
-    return "".join(out)
+    levels = [level_of(run.params, load_arm(name)) for name in design.factors]
+    if None in levels:
+        return None
+    return "".join("+" if level == PAPER_ARM else "-" for level in levels)
 
 
 def _reported(factor: str, metric: str) -> tuple[float | None, int, str]:

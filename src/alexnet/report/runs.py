@@ -39,7 +39,8 @@ class RunRecord:
     name: str
     status: str
     seed: int | None
-    start: int
+    start: int  # ms since the epoch
+    end: int | None
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
@@ -70,6 +71,7 @@ def _record(run: Run) -> RunRecord:
         status=run.info.status,
         seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
         start=run.info.start_time or 0,
+        end=run.info.end_time,
         params=params,
         metrics=dict(run.data.metrics),
         tags=dict(tags),
