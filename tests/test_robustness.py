@@ -11,6 +11,7 @@ from PIL import Image
 
 from alexnet.config import DataConfig, Dataset
 from alexnet.data import AlexNetDataModule, DataNotFoundError
+from alexnet.errors import DataError
 
 # Synthetic data, a narrow net, a few epochs of a few seconds each.
 SMALL = ["experiment=smoke", "model.width=0.25", "data.synthetic_size=1024", "trainer.max_epochs=4"]
@@ -143,8 +144,10 @@ def test_unreadable_image_is_named(tmp_path: Path, damage: str):
     bad = root / "train" / "b" / "2.jpg"
     data = bad.read_bytes()
     bad.write_bytes(b"this is not a JPEG" * 10 if damage == "corrupt" else data[: len(data) // 3])
-    with pytest.raises(RuntimeError, match=str(bad)):
+    with pytest.raises(DataError) as err:
         folder_module(root)
+    message = str(err.value)
+    assert str(bad) in message and "Replace or delete the file" in message and ".cpp" not in message
 
 
 def test_grayscale_and_rgba_files_become_rgb(tmp_path: Path):

@@ -8,6 +8,7 @@ fingerprint, so that a moved copy of the data is recognised as the same data and
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def read_rgb(path: str | Path, data: torch.Tensor | None = None) -> torch.Tensor
         )
         return decode_image(raw, mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise DataError(f"Cannot decode image {path}: {err}. Replace or delete the file.") from None
+        # torchvision's message starts with its C++ source location; the first sentence after it says why.
+        reason = re.sub(r"^.*\.cpp:\d+, ", "", str(err)).split(". ")[0].rstrip(".")
+        raise DataError(f"Cannot decode image {path}: {reason}. Replace or delete the file.") from None
 
 
 def canvas_transform(resize_size: int) -> v2.Compose:

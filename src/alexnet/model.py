@@ -331,9 +331,9 @@ class Figure1CNN(nn.Module):
 
     def __init__(self, cfg: ModelConfig | None = None, *, seed: int | None = None, **switches):
         super().__init__()
-        switches.setdefault("arch", Arch.figure1_cnn)
         if cfg is None:
-            switches = {"input_size": 32, "columns": 1, "dropout": 0.0, "num_classes": 10, **switches}
+            defaults = {"arch": Arch.figure1_cnn, "input_size": 32, "columns": 1, "dropout": 0.0}
+            switches = defaults | {"num_classes": 10} | switches
         cfg = self.cfg = _config(cfg, switches)
         c1, c2, c3 = (_scaled(c, cfg.width, 1) for c in FIGURE1_CONV_CHANNELS)
         layers = OrderedDict()

@@ -159,11 +159,14 @@ def tracked(run: tracking.TrackedRun) -> Iterator[None]:
 def entry(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run a Hydra task: passwords in URLs masked in every log line, and a person's mistake (a config
     value, missing data, an unreachable server) printed as one line, which also stops a sweep: every other
-    job would meet it too."""
+    job would meet it too. In an Optuna study the trial's own values may be the mistake, so only that trial
+    fails (the sweeper records why) and the study goes on."""
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, tracking.SecretFilter) for f in handler.filters):
             handler.addFilter(tracking.SecretFilter())
     try:
         return task(cfg)
     except UserError as err:
+        if cfg.get("optuna"):
+            raise
         raise SystemExit(f"{err.label}: {tracking.mask_secrets(str(err))}") from None
