@@ -57,6 +57,7 @@ def test_rerunning_a_finished_job_trains_nothing(train_run):
     assert len(train_run.runs()) == 2
 
 
+@pytest.mark.slow  # two training processes at once: a stress test (nox -s slow)
 def test_parallel_jobs_share_one_sqlite_store(train_run):
     """4 processes (hydra-joblib-launcher) write to one new SQLite file at once: every run, every metric."""
     train_run(
@@ -77,6 +78,7 @@ def case(run) -> str:
     return next(o.split("=")[1] for o in run.data.tags["overrides"].split() if o.startswith("experiment="))
 
 
+@pytest.mark.slow  # four failure modes in one sweep; each also has a default test of its own
 def test_chaos_sweep(train_run, tmp_path: Path):
     """One job finishes, one raises, one diverges, one is killed; the sweep is rerun until all is settled."""
     conf = tmp_path / "chaos_conf" / "experiment"

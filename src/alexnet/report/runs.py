@@ -120,7 +120,11 @@ def by_context(runs: Iterable[RunRecord], ignore: Iterable[str]) -> dict[str, li
 
 
 def describe(run: RunRecord) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={run.params.get(k, '-')}" for k in _CONTEXT_SUMMARY)
+    def value(key: str) -> str:
+        shown = run.params.get(key, "-")
+        return "all" if shown == "None" and key == "data.train_size" else shown  # null: the whole split
+
+    return ", ".join(f"{k.split('.')[-1]}={value(k)}" for k in _CONTEXT_SUMMARY)
 
 
 def latest_by_seed(runs: Iterable[RunRecord]) -> dict[int, RunRecord]:
