@@ -31,10 +31,13 @@ TRAIN = ROOT / "src" / "train.py"
 SCRIPT = ROOT / "scripts" / "team_server.py"
 SMOKE = ["experiment=smoke", "data.synthetic_size=64"]
 
+sys.path.insert(0, str(SCRIPT.parent))  # as when the script runs: its modules beside it (spawned writers too)
 _spec = importlib.util.spec_from_file_location("team_server", SCRIPT)
 team = importlib.util.module_from_spec(_spec)
-sys.modules["team_server"] = team  # multiprocessing's spawn finds the writers' function by module name
+sys.modules["team_server"] = team  # its dataclasses look their module up by name
 _spec.loader.exec_module(team)
+import team_load  # noqa: E402
+import team_services  # noqa: E402
 
 
 def _missing() -> str | None:
@@ -43,9 +46,9 @@ def _missing() -> str | None:
     except ImportError:
         return "psycopg is not installed (pip install -e '.[team]')"
     try:
-        team.pg_bindir()
-        team.default_os_user()
-    except team.TeamError as err:
+        team_services.pg_bindir()
+        team_services.default_os_user()
+    except team_services.TeamError as err:
         return str(err)
     return None
 
@@ -152,7 +155,7 @@ def test_passwords_in_urls_reach_neither_tracker_nor_logs(tmp_path: Path):
 
     db_secret, http_secret = f"db{secrets.token_hex(8)}", f"http{secrets.token_hex(8)}"
     with scratch("alexnet-secrets-") as home:
-        pg = team.Postgres(home / "pg", team.free_port(), throwaway=True)
+        pg = team_services.Postgres(home / "pg", team_services.free_port(), throwaway=True)
         pg.init()
         pg.start()
         server = None
@@ -163,9 +166,9 @@ def test_passwords_in_urls_reach_neither_tracker_nor_logs(tmp_path: Path):
                 pg.ensure_database(database, "alexnet")
             with pytest.raises(psycopg.OperationalError, match="password"):  # the password is checked
                 psycopg.connect(f"postgresql://alexnet:wrong@127.0.0.1:{pg.port}/optuna", connect_timeout=10)
-            server = team.MlflowServer(
-                pg.url("mlflow", "alexnet", db_secret), home / "artifacts", team.free_port(), workers=1,
-                log_path=home / "mlflow.log",
+            server = team_services.MlflowServer(
+                pg.url("mlflow", "alexnet", db_secret), home / "artifacts", team_services.free_port(),
+                workers=1, log_path=home / "mlflow.log",
             )  # fmt: skip
             server.start()
             storage = pg.url("optuna", "alexnet", db_secret)
@@ -270,7 +273,7 @@ def test_reachability_check_sends_url_credentials_as_basic_auth():
         tracking.check_reachable(f"http://alice:p%40ss@127.0.0.1:{port}/")
         assert seen == [("/health", "Basic " + base64.b64encode(b"alice:p@ss").decode())]
         with pytest.raises(TrackingError) as err:
-            tracking.check_reachable(f"http://alice:hunter2@127.0.0.1:{team.free_port()}")
+            tracking.check_reachable(f"http://alice:hunter2@127.0.0.1:{team_services.free_port()}")
         assert "alice:***@" in str(err.value) and "hunter2" not in str(err.value)
     finally:
         server.shutdown()
@@ -327,7 +330,7 @@ def team_setup() -> Iterator[dict[str, str]]:
     """`python scripts/team_server.py start` in a temporary --root on free ports: its two exports."""
     with scratch("alexnet-team-") as home:
         command = [sys.executable, str(SCRIPT), "--root", str(home / "team")]
-        ports = ["--port-db", str(team.free_port()), "--port-mlflow", str(team.free_port())]
+        ports = ["--port-db", str(team_services.free_port()), "--port-mlflow", str(team_services.free_port())]
         started = subprocess.run([*command, "start", *ports], capture_output=True, text=True, timeout=600)
         assert started.returncode == 0, started.stderr
         exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
@@ -438,7 +441,7 @@ def test_a_server_restart_mid_sweep_loses_and_duplicates_nothing(team_setup, tmp
         command = json.loads(team_setup["_command"])
         pid = int((team_root / "mlflow.pid").read_text())
         down = time.monotonic()
-        team.stop_group(pid)
+        team_services.stop_group(pid)
         restarted = subprocess.run([*command, "start"], capture_output=True, text=True, timeout=600)
         assert restarted.returncode == 0, restarted.stderr
         print(f"MLflow server unreachable for {time.monotonic() - down:.0f} s")
@@ -470,7 +473,7 @@ def test_concurrent_writers_lose_nothing(team_setup, writers: int):
     """``writers`` processes write runs at once (params, an artifact, 100 batches of 4 metrics each, what a
     training job sends): every run, param, point and artifact reads back. `python scripts/team_server.py
     writers 8 16` measures the same on a throwaway server (docs/team.md has the numbers)."""
-    result = team.measure_writers(uris(team_setup)["MLFLOW_TRACKING_URI"], writers, steps=100)
+    result = team_load.measure_writers(uris(team_setup)["MLFLOW_TRACKING_URI"], writers, steps=100)
     print(json.dumps(result))
     assert result["errors"] == [] and result["runs_found"] == writers
     assert result["points_lost"] == 0 and result["points_duplicated"] == 0 and result["incomplete_runs"] == 0
