@@ -284,7 +284,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--widths", default="0.25,0.5", help="comma-separated model.width values")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed bare steps per round (after 2 warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help="timed bare steps per round, after 2 warm-up (default: the loop's timed batches per round, so "
+        "that both time equally long stretches of the machine's load)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--loop-batches", type=int, default=40, help="training batches per epoch of the loop")
     parser.add_argument(
@@ -302,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.widths, args.steps, args.rounds = "0.125", 2, 1
         args.loop_batches, args.loop_val_batches, args.loop_epochs = 2, 1, 1
+    if args.steps is None:
+        args.steps = args.loop_batches * args.loop_epochs
     if args.loop_val_batches is None:
         args.loop_val_batches = max(1, round(args.loop_batches * VAL_PER_TRAIN))
     args.width_list = [float(w) for w in args.widths.split(",")]
