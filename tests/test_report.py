@@ -172,6 +172,11 @@ def test_known_outcomes_give_known_intervals_verdicts_and_power(known_store, tmp
     assert "How to read this report" in md and "Holm" in md and "Satterthwaite" in md
     assert "RuntimeError: out of memory" in md
     assert "| Local response normalization | 3.3 |" in md
+    # what 80% power would cost: the seeds needed times the row's two arms, at its runs' median time
+    minutes = 60 * lrn.seeds_needed * 2 * np.median([(r.end - r.start) / 3_600_000 for r in lrn.runs])
+    noise = f"| {lrn.seeds_needed} | {2 * lrn.seeds_needed} runs, {minutes:.0f} min |"
+    assert any(line.startswith("| Local response normalization | test/top1_err_1crop") and
+               line.endswith(noise) for line in md.splitlines())  # fmt: skip
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert not any("python src/report.py" in row for row in rows)  # a row's command is a training command
     html = (tmp_path / "out" / "report.html").read_text()

@@ -46,8 +46,10 @@ def header(settings: Settings) -> list:
         "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its "
         "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, "
         "from the noise measured so far (the seeds' part shrinks with more seeds; the test set's part does "
-        "not, so some effects cannot be reached by seeds alone: `-`). Add seeds with `seed=4,5,...`: "
-        "finished runs are skipped, only the new seeds train.",
+        "not, so some effects cannot be reached by seeds alone: `-`). *Training for 80%*: the runs those "
+        "seeds take in all (both arms), and their time at the median time of this row's finished runs on the "
+        "machine that made them. Add seeds with `seed=4,5,...`: finished runs are skipped, only the new "
+        "seeds train.",
     ]
 
 
@@ -114,7 +116,7 @@ def verdict_table(rows: list[Row]) -> Table:
 
 def noise_table(rows: list[Row]) -> Table:
     header = ["claim", "metric", "method", "seed-to-seed SD", "test-set SE", "arms' correlation r",
-              "pairing bought", "seeds for 80%"]  # fmt: skip
+              "pairing bought", "seeds for 80%", "training for 80%"]  # fmt: skip
     body = []
     for row in rows:
         per_seed = list(row.per_seed.values())
@@ -125,9 +127,20 @@ def noise_table(rows: list[Row]) -> Table:
             f"{sd:.2f}" if math.isfinite(sd) else "-",
             f"{math.sqrt(row.estimate.image_part):.2f}" if row.estimate.image_part > 0 else "-",
             f"{r:+.2f}" if math.isfinite(r) else "-", f"{gain:.1f}x variance" if math.isfinite(gain) else "-",
-            str(row.seeds_needed) if row.seeds_needed else "-",
+            str(row.seeds_needed) if row.seeds_needed else "-", _hours_needed(row),
         ])  # fmt: skip
     return Table(header, body)
+
+
+def _hours_needed(row: Row) -> str:
+    """The training time that the seeds for 80% would take: its runs per seed (two arms, or one for a
+    comparison within the same runs) at the median time of this row's finished runs."""
+    times = [(r.end - r.start) / 3_600_000 for r in row.runs if r.finished and r.end]
+    if not row.seeds_needed or not times or not row.estimate.n:
+        return "-"
+    runs = row.seeds_needed * len(row.runs) / row.estimate.n
+    hours = runs * float(np.median(times))
+    return f"{runs:.0f} runs, " + (f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.0f} min")
 
 
 def provenance(runs: list[RunRecord], made_by: dict[str, str]) -> list:
