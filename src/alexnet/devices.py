@@ -11,8 +11,8 @@ is computed.
   move the whole module to one.
 - ``ddp``: Lightning's ``ddp`` strategy; how one MLflow run spans its processes is in ``alexnet.ddp``.
 
-``devices.channels_last`` (default on) stores activations as N, H, W, C: oneDNN's convolutions and the
-LRN's channel window then read memory in order (benchmarks/training_speed.md has the measured gain).
+``devices.channels_last`` (default on) stores activations as N, H, W, C: max pooling and the LRN's channel
+window then read memory in order (on one CPU thread the whole gain is theirs: benchmarks/training_speed.md).
 """
 
 from __future__ import annotations
