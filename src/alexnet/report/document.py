@@ -47,9 +47,9 @@ def header(settings: Settings) -> list:
         "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, "
         "from the noise measured so far (the seeds' part shrinks with more seeds; the test set's part does "
         "not, so some effects cannot be reached by seeds alone: `-`). *Training for 80%*: the runs those "
-        "seeds take in all (both arms), and their time at the median time of this row's finished runs on the "
-        "machine that made them. Add seeds with `seed=4,5,...`: finished runs are skipped, only the new "
-        "seeds train.",
+        "seeds take in all (both arms), and their time at the median wall time of this row's finished runs "
+        "(MLflow's start to end: it includes time a run shared the machine, or waited to be resumed). Add "
+        "seeds with `seed=4,5,...`: finished runs are skipped, only the new seeds train.",
     ]
 
 
@@ -133,8 +133,8 @@ def noise_table(rows: list[Row]) -> Table:
 
 
 def _hours_needed(row: Row) -> str:
-    """The training time that the seeds for 80% would take: its runs per seed (two arms, or one for a
-    comparison within the same runs) at the median time of this row's finished runs."""
+    """The training that the seeds for 80% would take: its runs per seed (two arms, or one for a comparison
+    within the same runs) at the median wall time of this row's finished runs."""
     times = [(r.end - r.start) / 3_600_000 for r in row.runs if r.finished and r.end]
     if not row.seeds_needed or not times or not row.estimate.n:
         return "-"
