@@ -172,6 +172,9 @@ def test_known_outcomes_give_known_intervals_verdicts_and_power(known_store, tmp
     assert "How to read this report" in md and "Holm" in md and "Satterthwaite" in md
     assert "RuntimeError: out of memory" in md
     assert "| Local response normalization | 3.3 |" in md
+    # each seed's delta beside the two errors it subtracts
+    paper1, off1 = 100 * errors["paper"][1].mean(), 100 * errors["lrn_off"][1].mean()
+    assert f"seed 1: {paper1 - off1:+.2f} ({paper1:.2f} - {off1:.2f})" in md
     # what 80% power would cost: the seeds needed times the row's two arms, at its runs' median time
     minutes = 60 * lrn.seeds_needed * 2 * np.median([(r.end - r.start) / 3_600_000 for r in lrn.runs])
     noise = f"| {lrn.seeds_needed} | {2 * lrn.seeds_needed} runs, {minutes:.0f} min |"

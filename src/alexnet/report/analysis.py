@@ -44,6 +44,7 @@ class Row:
     not_finished: list[RunRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     per_seed: dict[int, float] = field(default_factory=dict)
+    compared: dict[int, tuple[float, float]] = field(default_factory=dict)  # per seed: both sides, in points
     correlation: tuple[float, float] = (math.nan, math.nan)
     test: stats.Test = field(default_factory=stats.Test)
     verdict: str = "inconclusive"
@@ -166,6 +167,8 @@ def _delta_row(
         reported=measure.reported, direction=claim.direction, unit="pp", runs=used, per_seed=per_seed,
         command=command(a + b, claim.sweep, per_seed or None),
     )  # fmt: skip
+    row.compared = {s: (100.0 * first[s].metrics[metrics[0]], 100.0 * second[s].metrics[metrics[1]])
+                    for s in per_seed}  # fmt: skip
     unpaired = max(len(first), len(second)) - len(per_seed)
     if unpaired and claim.kind != "views":
         row.notes.append(f"{unpaired} run(s) without a partner of the same seed in the other arm: not used")

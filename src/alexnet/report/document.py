@@ -191,16 +191,21 @@ def build(
         doc.sections.append(Section("Runs that did not finish", ["None: every run finished."]))
     per_seed = [
         f"{row.claim.title}, {row.label} ({row.section}): "
-        + ", ".join(
-            f"seed {s}: {v:+.2f}" if row.unit == "pp" else f"seed {s}: {v:.2f}x"
-            for s, v in row.per_seed.items()
-        )
+        + ", ".join(_seed_value(row, s, v) for s, v in row.per_seed.items())
         for row in rows
         if row.per_seed
     ]
     if per_seed:
-        doc.sections.append(Section("Per-seed values", [Bullets(per_seed)]))
+        intro = "Each seed's effect; for a difference, in brackets the two errors (points) it subtracts."
+        doc.sections.append(Section("Per-seed values", [intro, Bullets(per_seed)]))
     return doc
+
+
+def _seed_value(row: Row, seed: int, value: float) -> str:
+    if row.unit != "pp":
+        return f"seed {seed}: {value:.2f}x"
+    both = row.compared.get(seed)
+    return f"seed {seed}: {value:+.2f}" + (f" ({both[0]:.2f} - {both[1]:.2f})" if both else "")
 
 
 def sections(rows: list[Row]) -> dict[str, list[Row]]:
