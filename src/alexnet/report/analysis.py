@@ -174,10 +174,8 @@ def _delta_row(
         row.notes.append(f"{unpaired} run(s) without a partner of the same seed in the other arm: not used")
     if method == "seeds only":
         row.notes.append("no per-image test outcomes in these runs: the interval holds the seeds' noise only")
-    if claim.kind != "views":
-        pa = {s: first[s].metrics[measure.metric] for s in per_seed}
-        pb = {s: second[s].metrics[measure.metric] for s in per_seed}
-        row.correlation = stats.pairing_gain(pa, pb)
+    if claim.kind != "views":  # the same pairs, in points (a correlation and a variance ratio: any unit)
+        row.correlation = stats.pairing_gain(*({s: v[i] for s, v in row.compared.items()} for i in (0, 1)))
     return row
 
 
