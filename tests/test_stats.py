@@ -108,7 +108,7 @@ def test_ties_between_seeds_do_not_give_a_zero_width_interval():
     est = stats.crossed(100 * y, x, contrast, seeds=2)
     assert est.mean == pytest.approx(-0.10)
     assert est.high - est.low > 0.1
-    verdict = stats.verdict(est.mean, vars(stats.test(est, -1.5, 0.5)), -1.5, -1, n=2, min_seeds=3)
+    verdict = stats.verdict(est.mean, vars(stats.test(est, -1.5, 0.5)), -1.5, -1, noise_df=1, min_seeds=3)
     assert verdict == "inconclusive"
 
 
@@ -133,7 +133,7 @@ def interval(mean: float, se: float, n: int = 5, df: float = 4.0) -> stats.Estim
 def test_verdict_rules(mean, se, reported, direction, expected):
     est = interval(mean, se)
     p = vars(stats.test(est, reported, 0.5))
-    assert stats.verdict(mean, p, reported, direction, n=5, min_seeds=3) == expected
+    assert stats.verdict(mean, p, reported, direction, noise_df=4, min_seeds=3) == expected
 
 
 def test_verdicts_match_the_interval():
@@ -151,8 +151,8 @@ def test_holm_correction_across_rows():
     stats.adjust(tests)
     adjusted = [t.adjusted["p_zero"] for t in tests]
     assert adjusted[:3] == pytest.approx([0.014, 0.052, 0.36])
-    raw = stats.verdict(-1, {"p_zero": 0.03, "p_paper": math.nan, "p_equiv": 1.0}, None, -1, 5, 3)
-    held = stats.verdict(-1, {"p_zero": 0.36, "p_paper": math.nan, "p_equiv": 1.0}, None, -1, 5, 3)
+    raw = stats.verdict(-1, {"p_zero": 0.03, "p_paper": math.nan, "p_equiv": 1.0}, None, -1, 4, 3)
+    held = stats.verdict(-1, {"p_zero": 0.36, "p_paper": math.nan, "p_equiv": 1.0}, None, -1, 4, 3)
     assert (raw, held) == ("reproduced", "inconclusive")
 
 

@@ -200,10 +200,12 @@ def judge(rows: list[Row], settings: Settings) -> None:
         reported = None if row.reported is None else (math.log(row.reported) if ratio else row.reported)
         raw = {k: getattr(row.test, k) for k in ("p_zero", "p_paper", "p_equiv")}
         adjusted = {k: row.test.adjusted.get(k, v) for k, v in raw.items()}
-        n = row.estimate.n
-        row.verdict = stats.verdict(row.estimate.mean, raw, reported, row.direction, n, settings.min_seeds)
+        noise_df = row.estimate.noise_df
+        row.verdict = stats.verdict(
+            row.estimate.mean, raw, reported, row.direction, noise_df, settings.min_seeds
+        )
         row.adjusted_verdict = stats.verdict(
-            row.estimate.mean, adjusted, reported, row.direction, n, settings.min_seeds
+            row.estimate.mean, adjusted, reported, row.direction, noise_df, settings.min_seeds
         )
         if row.undecidable:
             row.verdict = row.adjusted_verdict = "inconclusive"

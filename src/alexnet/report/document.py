@@ -38,11 +38,12 @@ def header(settings: Settings) -> list:
         Bullets(rules),
         f"The margin for *no effect* is ±{settings.margin} points of error (a ratio within "
         f"[1/{settings.ratio_margin}, {settings.ratio_margin}]). A verdict other than *inconclusive* needs "
-        "at "
-        f"least {settings.min_seeds} seeds (`--min-seeds`). **Holm** is the same rule applied to p-values "
-        "corrected with Holm's step-down method across every row of this report (the tests against no "
-        "effect, against the paper's number and of equivalence, each a family): the chance that any "
-        "corrected verdict is wrong stays at 5%.",
+        f"at least {settings.min_seeds} seeds (`--min-seeds`), or in a factorial design as many degrees of "
+        f"freedom for the runs' noise as {settings.min_seeds} seeds give a pair of arms "
+        f"({settings.min_seeds - 1}; one replicate of a 16-run design gives 8). **Holm** is the same rule "
+        "applied to p-values corrected with Holm's step-down method across every row of this report (the "
+        "tests against no effect, against the paper's number and of equivalence, each a family): the "
+        "chance that any corrected verdict is wrong stays at 5%.",
         "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its "
         "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, "
         "from the noise measured so far (the seeds' part shrinks with more seeds; the test set's part does "
@@ -119,8 +120,7 @@ def noise_table(rows: list[Row]) -> Table:
               "pairing bought", "seeds for 80%", "training for 80%"]  # fmt: skip
     body = []
     for row in rows:
-        per_seed = list(row.per_seed.values())
-        sd = np.std(per_seed, ddof=1) if len(per_seed) > 1 and row.unit == "pp" else math.nan
+        sd = _seed_sd(row)
         r, gain = row.correlation
         body.append([
             row.claim.title, row.label, row.estimate.method or "-",
@@ -130,6 +130,18 @@ def noise_table(rows: list[Row]) -> Table:
             str(row.seeds_needed) if row.seeds_needed else "-", _hours_needed(row),
         ])  # fmt: skip
     return Table(header, body)
+
+
+def _seed_sd(row: Row) -> float:
+    """How far one seed's estimate scatters: its per-seed deltas' SD, or for a design, whose replicates give
+    no delta each, the runs' part of the variance scaled to one replicate."""
+    if row.unit != "pp":
+        return math.nan
+    if len(row.per_seed) > 1:
+        return float(np.std(list(row.per_seed.values()), ddof=1))
+    if not row.per_seed and row.estimate.ok and math.isfinite(row.estimate.run_part):
+        return math.sqrt(row.estimate.run_part * row.estimate.n)
+    return math.nan
 
 
 def _hours_needed(row: Row) -> str:

@@ -7,6 +7,12 @@ replicates (every point of the design finished for that seed) enter, so the desi
 model, fitted image by image: a block per seed, the main effects, one column per alias chain. An effect is
 the mean at the paper's level minus the mean at the arm's level, in points of error (negative: the paper's
 choice is better), as for a one-switch delta.
+
+One replicate of a 16-run design fitted that way leaves one degree of freedom for the runs' noise: no
+interval. So with one replicate the chains are pooled into the error, as is usual for an unreplicated
+screening design, which leaves 8. In a resolution IV design no chain is aliased with a main effect, so the
+main effects lose no accuracy; a real interaction widens their intervals (the error errs on the safe side).
+A second seed separates the chains again.
 """
 
 from __future__ import annotations
@@ -62,11 +68,12 @@ def rows(claim: Claim, runs: list[RunRecord], settings: Settings) -> list[Row]:
         lost = [r for r, _ in members if not r.finished]
         partial = sorted(set(by_seed) - set(complete))
         for measure in claim.measures:
-            found += _effects(claim, design, measure.metric, complete, ordered, context, text)
-            for row in found[-(len(design.factors) + len(design.interaction_chains)) :]:
+            effects = _effects(claim, design, measure.metric, complete, ordered, context, text)
+            for row in effects:
                 row.not_finished = lost
                 if partial:
                     row.notes.append(f"seeds {partial} have only part of the design: not used")
+            found += effects
     return found
 
 
@@ -80,11 +87,12 @@ def _effects(
     text: str,
 ) -> list[Row]:
     y, method = errors(ordered, [metric] * len(ordered))
-    k, chains = len(design.factors), design.interaction_chains
+    k = len(design.factors)
+    chains = design.interaction_chains if len(seeds) > 1 else []  # one replicate: pooled (the docstring)
     blocks = np.kron(np.eye(len(seeds)), np.ones((design.runs, 1)))
     mains = np.tile(design.matrix, (len(seeds), 1)).astype(float)
-    pairs = np.stack([mains[:, c[0][0]] * mains[:, c[0][1]] for c in chains], axis=1)
-    x = np.hstack([blocks, mains, pairs])
+    pairs = [mains[:, c[0][0]] * mains[:, c[0][1]] for c in chains]
+    x = np.hstack([blocks, mains, *([np.stack(pairs, axis=1)] if pairs else [])])
     base = len(seeds)
     cmd = command(ordered, claim.sweep, seeds)
     out = []
@@ -110,6 +118,11 @@ def _effects(
             row.notes.append(
                 "a main effect: averaged over the other switches' levels, not at the paper's config"
             )
+            if not chains:
+                row.notes.append(
+                    f"one replicate: the {len(design.interaction_chains)} interaction chains are pooled into "
+                    "the error (their effects widen this interval if real); a second seed estimates them"
+                )
         out.append(row)
     if method == "seeds only":
         for row in out:

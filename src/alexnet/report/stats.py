@@ -51,6 +51,14 @@ class Estimate:
     run_part: float = math.nan  # variance from the runs' noise: shrinks as 1 / seeds
     image_part: float = 0.0  # variance from the test images: does not shrink with seeds
     method: str = ""
+    # The runs' residual degrees of freedom (what measures their noise) and what each seed adds to them:
+    # n - 1 and 1 for a pair of arms blocked by seed, 15 a seed for a 16-run design.
+    run_df: float = math.nan
+    df_per_seed: float = 1.0
+
+    @property
+    def noise_df(self) -> float:
+        return self.n - 1 if math.isnan(self.run_df) else self.run_df
 
     @property
     def half(self) -> float:
@@ -80,13 +88,15 @@ def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> E
     mean = float(theta.mean())
     q = float(contrast @ xtx_inv @ contrast)
     df_res = runs - x.shape[1]
+    per_seed = runs / seeds - 1 if seeds else 1.0  # each seed adds its runs and one block
     if df_res <= 0:
-        return Estimate(mean, math.nan, 0.0, seeds, method="no residual degrees of freedom: add seeds")
+        return Estimate(mean, math.nan, 0.0, seeds, method="no residual degrees of freedom: add seeds",
+                        run_df=float(df_res), df_per_seed=per_seed)  # fmt: skip
     run_means = y.mean(axis=1)
     residual = run_means - x @ (xtx_inv @ x.T @ run_means)
     a = q * float(residual @ residual) / df_res
     if images == 1:
-        return Estimate(mean, math.sqrt(a), float(df_res), seeds, a, 0.0, "runs only")
+        return Estimate(mean, math.sqrt(a), float(df_res), seeds, a, 0.0, "runs only", df_res, per_seed)
     b = float(theta.var(ddof=1)) / images
     cell = y - x @ coefficients
     s2_cells = float((cell * cell).sum()) / (df_res * images)  # estimates s2_run_noise + s2_e
@@ -96,7 +106,7 @@ def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> E
     # Satterthwaite: the degrees of freedom of a sum of mean squares.
     terms = a * a / df_res + b * b / (images - 1) + c * c / (df_res * (images - 1))
     df = var * var / terms if terms > 0 else math.inf
-    return Estimate(mean, math.sqrt(var), df, seeds, a, max(var - a, 0.0), "seeds x images")
+    return Estimate(mean, math.sqrt(var), df, seeds, a, max(var - a, 0.0), "seeds x images", df_res, per_seed)
 
 
 def log_ratio_estimate(ratios: list[float]) -> Estimate:
@@ -150,11 +160,13 @@ VERDICTS = {
 
 
 def verdict(
-    mean: float, p: dict[str, float], reported: float | None, direction: int, n: int, min_seeds: int
+    mean: float, p: dict[str, float], reported: float | None, direction: int, noise_df: float, min_seeds: int
 ) -> str:
     """The rules of ``VERDICTS``, from p-values (raw or adjusted) at ALPHA. ``direction``: the sign of the
-    paper's effect; 0 for a two-sided question (a factorial's interactions)."""
-    if n < min_seeds or not math.isfinite(p.get("p_zero", math.nan)):
+    paper's effect; 0 for a two-sided question (a factorial's interactions). ``noise_df``: the runs'
+    residual degrees of freedom; a verdict needs as many as ``min_seeds`` seeds give a pair of arms
+    (min_seeds - 1), because an interval whose noise rests on one or two numbers is not one to act on."""
+    if noise_df < min_seeds - 1 or not math.isfinite(p.get("p_zero", math.nan)):
         return "inconclusive"
     side = math.copysign(1, mean) if mean else 0
     if p["p_zero"] < ALPHA:
@@ -195,10 +207,13 @@ def seeds_needed(est: Estimate, effect: float | None, most: int = 1000) -> int |
     """Seeds for 80% power to tell ``effect`` from no effect, from the variance measured so far: its runs'
     part shrinks as 1 / seeds (and its degrees of freedom grow with them), its images' part does not.
     None: nothing to detect, or not reachable by seeds (the test set's own noise is too large)."""
-    if effect is None or not est.ok or est.n < 2:
+    if effect is None or not est.ok or est.noise_df < 1:
         return None
-    for seeds in range(2, most + 1):
-        df = max(1.0, est.df * (seeds - 1) / (est.n - 1))
+    for seeds in range(1, most + 1):
+        run_df = est.noise_df + est.df_per_seed * (seeds - est.n)
+        if run_df < 1:
+            continue
+        df = max(1.0, est.df * run_df / est.noise_df)
         se = math.sqrt(est.run_part * est.n / seeds + est.image_part)
         if (stats.t.ppf(1 - ALPHA / 2, df) + stats.t.ppf(POWER, df)) * se <= abs(effect):
             return seeds
