@@ -11,7 +11,7 @@ from omegaconf import open_dict
 
 from alexnet import design
 from alexnet.config import ConfigError, check_config
-from alexnet.identity import flatten
+from alexnet.identity import flatten, run_key
 from alexnet.report.claims import load_arm, load_claims
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +97,15 @@ def test_the_factorial_design_is_resolution_iv_over_the_binary_switches():
     assert (d.runs, d.resolution, len(d.interaction_chains)) == (16, 4, 7)
     assert all(len(chain) == 3 for chain in d.interaction_chains)
     assert d.signs(15) == "+" * 7 and d.signs(0) == "-" * 7
-    paper = flatten(compose_sweep("experiment=cpu", "arm=paper", hydra=False))
-    job = flatten(
-        design.apply_run(compose_sweep("+ablation=factorial", "experiment=cpu", "design.run=15", hydra=False))
+    paper_cfg = compose_sweep("experiment=cpu", "arm=paper", hydra=False)
+    job_cfg = design.apply_run(
+        compose_sweep("+ablation=factorial", "experiment=cpu", "design.run=15", hydra=False)
     )
+    paper, job = flatten(paper_cfg), flatten(job_cfg)
     same = {k: v for k, v in job.items() if not k.startswith(("ablation.", "design.", "hydra."))}
     assert same == {k: v for k, v in paper.items() if not k.startswith(("ablation.", "hydra."))}
+    # so the design's all-paper point is the paper arm's run: a seed the claims have run trains 15 points
+    assert run_key(job_cfg, "data") == run_key(paper_cfg, "data")
     with pytest.raises(ConfigError, match="design.run"):
         design.apply_run(compose_sweep("+ablation=factorial", "experiment=cpu", "design.run=16", hydra=False))
 
