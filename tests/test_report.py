@@ -411,3 +411,30 @@ def test_one_replicate_of_the_factorial_decides_its_main_effects(tmp_path: Path)
     assert len(top1) == 14 and len(chains) == 7
     assert all(r.estimate.noise_df == 16 for r in top1)  # 32 runs - 2 blocks - 7 mains - 7 chains
     assert not any("pooled" in note for r in top1 for note in r.notes)
+
+
+def test_a_claim_against_overfitting_says_whether_the_runs_overfit(tmp_path: Path):
+    """Dropout and augmentation are the paper's cures for overfitting (section 4): next to their rows the
+    report puts the training error of the runs without them against their test error. Here the runs without
+    dropout end no better on their training images than on the test set (nothing to cure: what the row
+    measures is dropout's cost), and the runs without crops and flips overfit by about 20 points."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cures", artifact_location=str(tmp_path / "artifacts"))
+    rng = np.random.default_rng(2)
+    arms = {"paper": ({}, 0.31), "dropout_off": ({"model.dropout": "0.0"}, 0.32),
+            "crops_flips_off": ({"data.crops": "False", "data.flips": "False"}, 0.12)}  # fmt: skip
+    for seed in (1, 2, 3):
+        for switches, train in arms.values():
+            log_run(client, exp, seed, {**BASE, **switches}, errors_with(rng, 0.30),
+                    metrics={"final/train_top1_err": train})  # fmt: skip
+    rows, _ = make_report("cures", uri, tmp_path / "out", log_to_mlflow=False)
+    (dropout,) = rows_of(rows, "dropout")
+    (note,) = [n for n in dropout.notes if "training error" in n]
+    assert "32.0% training error" in note and "they do not overfit" in note
+    (crops,) = rows_of(rows, "crops_flips")
+    (note,) = [n for n in crops.notes if "training error" in n]
+    test = np.mean([100 * r.metrics["test/top1_err_1crop"] for r in crops.runs if r.params.get("data.crops")])
+    assert "12.0% training error" in note and f"test error is {test - 12.0:.1f} points above" in note
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Dropout in fc6 and fc7: without it, the runs end at 32.0% training error" in md

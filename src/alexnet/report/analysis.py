@@ -176,7 +176,30 @@ def _delta_row(
         row.notes.append("no per-image test outcomes in these runs: the interval holds the seeds' noise only")
     if claim.kind != "views":  # the same pairs, in points (a correlation and a variance ratio: any unit)
         row.correlation = stats.pairing_gain(*({s: v[i] for s, v in row.compared.items()} for i in (0, 1)))
+    if claim.against_overfitting and measure.metric == TEST_ERROR:
+        row.notes += overfitting([second[s] for s in per_seed])
     return row
+
+
+TRAIN_ERROR = "final/train_top1_err"  # the last epoch's, in training mode (augmented, dropout where on)
+TEST_ERROR = "test/top1_err_1crop"  # the error it is set against
+
+
+def overfitting(without: list[RunRecord]) -> list[str]:
+    """Whether the runs without a regulariser overfit: a claim made against overfitting (section 4) can
+    only show where there is some to reduce."""
+    runs = [r for r in without if TRAIN_ERROR in r.metrics and TEST_ERROR in r.metrics]
+    if not runs:
+        return []
+    train = 100.0 * float(np.mean([r.metrics[TRAIN_ERROR] for r in runs]))
+    test = 100.0 * float(np.mean([r.metrics[TEST_ERROR] for r in runs]))
+    seeds = f"means of {len(runs)} seeds" if len(runs) > 1 else "one seed"
+    said = (f"without it, the runs end at {train:.1f}% training error (the last epoch's, in training mode) "
+            f"and {test:.1f}% test error ({seeds})")  # fmt: skip
+    if test <= train:
+        return [said + ": they do not overfit, so this row measures what the switch costs at this length of "
+                "training, not what it buys against overfitting, the paper's reason for it"]  # fmt: skip
+    return [said + f": test error is {test - train:.1f} points above training error"]
 
 
 def _label(measure: Measure) -> str:

@@ -44,6 +44,7 @@ class Claim:
     tune: tuple[str, ...] = ()
     selection_seeds: tuple[int, ...] = ()  # kind ratio: the seeds that choose the tuned setting
     sweep: str | None = None  # its conf/ablation/ file; None: the command names the arms
+    against_overfitting: bool = False  # the paper's reason for the switch (section 4): the report checks it
 
     @property
     def arm(self) -> str | None:
