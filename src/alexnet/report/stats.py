@@ -165,7 +165,7 @@ def verdict(
     """The rules of ``VERDICTS``, from p-values (raw or adjusted) at ALPHA. ``direction``: the sign of the
     paper's effect; 0 for a two-sided question (a factorial's interactions). ``noise_df``: the runs'
     residual degrees of freedom; a verdict needs as many as ``min_seeds`` seeds give a pair of arms
-    (min_seeds - 1), because an interval whose noise rests on one or two numbers is not one to act on."""
+    (``min_seeds - 1``), however the runs were laid out."""
     if noise_df < min_seeds - 1 or not math.isfinite(p.get("p_zero", math.nan)):
         return "inconclusive"
     side = math.copysign(1, mean) if mean else 0
