@@ -91,8 +91,8 @@ def _effects(
     chains = design.interaction_chains if len(seeds) > 1 else []  # one replicate: pooled (the docstring)
     blocks = np.kron(np.eye(len(seeds)), np.ones((design.runs, 1)))
     mains = np.tile(design.matrix, (len(seeds), 1)).astype(float)
-    pairs = [mains[:, c[0][0]] * mains[:, c[0][1]] for c in chains]
-    x = np.hstack([blocks, mains, *([np.stack(pairs, axis=1)] if pairs else [])])
+    pairs = [mains[:, [c[0][0]]] * mains[:, [c[0][1]]] for c in chains]  # one column per chain
+    x = np.hstack([blocks, mains, *pairs])
     base = len(seeds)
     cmd = command(ordered, claim.sweep, seeds)
     out = []
