@@ -3,6 +3,7 @@ each arm flips exactly the switches its claim is about."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ ARMS = sorted(p.stem for p in (ROOT / "conf" / "arm").glob("*.yaml"))
 CASES = [(sweep, "cpu") for sweep in SWEEPS] + [
     ("paper", "cifar10"),
     ("paper", "imagenet"),
+    ("figure1", "cpu_figure1"),
     ("figure1", "cifar10"),
     ("figure1", "imagenet"),
 ]
@@ -45,8 +47,8 @@ def test_every_sweep_arm_composes_and_passes_the_check(sweep: str, preset: str, 
     if sweep == "factorial":  # its jobs are the runs of a design, not arms
         jobs = [f"design.run={run}" for run in range(design.design_of(cfg.design).runs)]
         assert params["design.run"] == f"range(0,{len(jobs)})"
-    else:
-        assert set(params.seed.split(",")) >= {"1", "2", "3"}
+    else:  # Figure 1's sweep is its first stage, the seeds that choose the rates (conf/claims.yaml)
+        assert set(params.seed.split(",")) >= ({"101", "102"} if sweep == "figure1" else {"1", "2", "3"})
         arms = ARMS if params.arm == "glob(*)" else params.arm.split(",")
         assert "paper" in arms and set(arms) <= set(ARMS)
         jobs = [f"arm={arm}" for arm in arms]
@@ -64,7 +66,7 @@ def test_every_sweep_arm_composes_and_passes_the_check(sweep: str, preset: str, 
                 check_config(job)
             continue
         check_config(job)
-        assert job.logger.experiment_name == f"ablation_{preset}"
+        assert job.logger.experiment_name == f"ablation_{preset.removesuffix('_figure1')}"
         if sweep != "factorial":
             expected = load_arm(arm_or_run.split("=")[1])
             assert (job.ablation.factor, job.ablation.level) == (expected.factor, expected.level)
@@ -85,7 +87,8 @@ def test_every_arm_of_a_claim_is_swept_by_the_paper_sweep():
     for claim in load_claims():
         if claim.name == "figure1":
             assert claim.arm in figure1.arm.split(",")
-            assert set(claim.selection_seeds) <= {int(s) for s in figure1.seed.split(",")}
+            assert set(claim.selection_seeds) == {int(s) for s in figure1.seed.split(",")}
+            assert not set(claim.selection_seeds) & set(claim.reported_seeds)
         for arm in claim.arms:
             assert arm in ARMS
 
@@ -108,6 +111,26 @@ def test_the_factorial_design_is_resolution_iv_over_the_binary_switches():
     assert run_key(job_cfg, "data") == run_key(paper_cfg, "data")
     with pytest.raises(ConfigError, match="design.run"):
         design.apply_run(compose_sweep("+ablation=factorial", "experiment=cpu", "design.run=16", hydra=False))
+
+
+def test_figure1_cpu_scale_keeps_an_epochs_steps_on_a_quarter_of_the_images(tmp_path: Path):
+    """experiment=cpu_figure1 is experiment=cpu with fewer images in smaller batches, and nothing else: an
+    epoch (what Figure 1 counts) is about as many SGD steps, on under a quarter of the images."""
+    cpu, small = (
+        flatten(compose_sweep("+ablation=figure1", f"experiment={preset}", f"paths.data_dir={tmp_path}",
+                              "arm=tanh", hydra=False))
+        for preset in ("cpu", "cpu_figure1")
+    )  # fmt: skip
+    assert {k for k in cpu.keys() | small.keys() if cpu.get(k) != small.get(k)} == {
+        "data.train_size", "data.batch_size"
+    }  # fmt: skip
+    images = 50_000 - int(cpu["data.val_size"])  # CIFAR-10's training images less the held-out ones
+    assert cpu["data.train_size"] in ("None", "all") and int(small["data.train_size"]) <= images / 4
+    steps = [
+        math.ceil(n / int(c["data.batch_size"]))
+        for n, c in ((images, cpu), (int(small["data.train_size"]), small))
+    ]
+    assert 0.85 <= steps[1] / steps[0] <= 1.0
 
 
 def test_figure1_protocol_has_no_regularization_and_stops_at_the_target(tmp_path: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -283,8 +284,10 @@ def test_real_ablation_multirun_with_a_failing_job_and_its_report(train_run, tmp
     assert "`python src/train.py -m +ablation=lrn experiment=smoke" in lrn_row  # the command that made it
     assert "-1 is not in bounds" in md  # the failed jobs and why
     assert md.count("| FAILED |") == 2
-    # Claims without runs: the command that completes this report, at this scale and on this data.
-    assert "`python src/train.py -m +ablation=pooling experiment=smoke data.synthetic_size=64`" in md
+    # Claims without runs: the command that completes this report, at this scale, on this data, into this
+    # experiment.
+    assert "`python src/train.py -m +ablation=pooling experiment=smoke logger.experiment_name=toy " \
+        "data.synthetic_size=64`" in md  # fmt: skip
 
 
 def test_a_factorial_multirun_reports_every_main_effect(train_run, tmp_path: Path):
@@ -312,6 +315,32 @@ def test_a_factorial_multirun_reports_every_main_effect(train_run, tmp_path: Pat
     assert "the 7 interaction chains are pooled into the error" in md
 
 
+FIGURE1_EPOCHS = {  # (activation, lr): {seed: epochs to 25%, or None: diverged}
+    ("relu", "0.01"): {101: 4.0, 102: 4.4, 1: 4.1, 2: 3.9, 3: 4.0},
+    ("relu", "0.03"): {101: 2.0, 102: None, 1: 2.1, 2: 2.0, 3: 1.9},
+    ("tanh", "0.01"): {101: 20.0, 102: 22.0, 1: 21.0, 2: 19.0, 3: 20.0},
+    ("tanh", "0.003"): {101: 30.0, 102: 31.0, 1: 30.0, 2: 29.0, 3: 33.0},
+}
+
+
+def log_figure1(client, exp, seeds, settings=FIGURE1_EPOCHS) -> None:
+    """Figure 1's runs of ``seeds`` at each (activation, rate) of ``settings``, as its sweep logs them: the
+    rate is the sweep's override, and min_lr follows it (the protocol holds the rate fixed)."""
+    base = {**BASE, "model.arch": "figure1_cnn", "model.width": "1.0", "trainer.max_epochs": "40",
+            "model.lrn": "False", "model.columns": "1", "model.dropout": "0.0"}  # fmt: skip
+    for (activation, lr), by_seed in settings.items():
+        params = {**base, "model.activation": activation, "optimizer.lr": lr, "optimizer.min_lr": lr}
+        arm = "paper" if activation == "relu" else "tanh"
+        for seed in seeds:
+            e = by_seed[seed]
+            tags = {"overrides": f"arm={arm} optimizer.lr={lr} seed={seed} +ablation=figure1 experiment=cpu"}
+            if e is None:
+                log_run(client, exp, seed, params, status="FAILED",
+                        tags={**tags, "diverged": "true", "error": "nan"})  # fmt: skip
+            else:
+                log_run(client, exp, seed, params, metrics={"final/epochs_to_target": e}, tags=tags)
+
+
 @pytest.fixture
 def figure1_store(tmp_path: Path):
     """Figure 1's runs: each arm at two learning rates; seeds 101 and 102 choose the rate, seeds 1-3 are
@@ -320,23 +349,8 @@ def figure1_store(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("fig1", artifact_location=str(tmp_path / "artifacts"))
-    base = {**BASE, "model.arch": "figure1_cnn", "model.width": "1.0", "trainer.max_epochs": "40",
-            "model.lrn": "False", "model.columns": "1", "model.dropout": "0.0"}  # fmt: skip
-    epochs = {  # (activation, lr): {seed: epochs to 25%, or None: diverged}
-        ("relu", "0.01"): {101: 4.0, 102: 4.4, 1: 4.1, 2: 3.9, 3: 4.0},
-        ("relu", "0.03"): {101: 2.0, 102: None, 1: 2.1, 2: 2.0, 3: 1.9},
-        ("tanh", "0.01"): {101: 20.0, 102: 22.0, 1: 21.0, 2: 19.0, 3: 20.0},
-        ("tanh", "0.003"): {101: 30.0, 102: 31.0, 1: 30.0, 2: 29.0, 3: 33.0},
-    }
-    for (activation, lr), by_seed in epochs.items():
-        params = {**base, "model.activation": activation, "optimizer.lr": lr}
-        for seed, e in by_seed.items():
-            if e is None:
-                log_run(client, exp, seed, params, status="FAILED", tags={"diverged": "true", "error": "nan"})
-            else:
-                log_run(client, exp, seed, params, metrics={"final/epochs_to_target": e})
-    log_run(client, exp, 2, {**base, "model.activation": "tanh", "optimizer.lr": "0.01"},
-            metrics={"final/epochs_to_target": 23.0})  # fmt: skip
+    log_figure1(client, exp, (101, 102, 1, 2, 3))
+    log_figure1(client, exp, (2,), {("tanh", "0.01"): {2: 23.0}})
     return uri
 
 
@@ -354,6 +368,77 @@ def test_figure1_chooses_rates_on_held_out_seeds_counts_failures_as_censored_and
     expected = math.exp(np.mean(np.log([21.0 / 4.1, 23.0 / 3.9, 20.0 / 4.0])))
     assert math.exp(fig1.estimate.mean) == pytest.approx(expected)
     assert fig1.verdict == "reproduced" and fig1.estimate.n == 3
+
+
+def test_figure1_runs_in_two_stages_the_report_names_the_second(tmp_path: Path):
+    """The sweep runs the selection seeds on the grid; the report then names each arm's reported seeds at
+    its chosen rate alone, and says which are still to run until they have."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fig1", artifact_location=str(tmp_path / "artifacts"))
+
+    def figure1_row():
+        rows, _ = make_report("fig1", uri, tmp_path / "out", log_to_mlflow=False)
+        return next(r for r in rows if r.claim.name == "figure1")
+
+    # tanh is fastest at 0.003 here, ReLU at 0.01 (its 0.03 diverged at seed 102).
+    epochs = {**FIGURE1_EPOCHS, ("tanh", "0.003"): {101: 15.0, 102: 16.0, 1: 15.0, 2: 14.0, 3: 16.0}}
+    log_figure1(client, exp, (101,), epochs)  # one selection seed: the choice may still change
+    assert not any("`python src/train.py" in n for n in figure1_row().notes)
+    log_figure1(client, exp, (102,), epochs)
+    row = figure1_row()
+    assert row.estimate.n == 0 and row.verdict == "inconclusive"
+    sweep = "python src/train.py -m +ablation=figure1"
+    stage1 = f"{sweep} optimizer.lr=0.01,0.03,0.003 experiment=cpu seed=101,102"
+    assert row.command == stage1
+    second = {arm: f"{sweep} arm={arm} optimizer.lr={lr} optimizer.min_lr={lr} experiment=cpu seed=1,2,3"
+              for arm, lr in (("paper", "0.01"), ("tanh", "0.003"))}  # fmt: skip
+    for arm, then in second.items():
+        assert (
+            f"{arm}: the reported seeds at its chosen rate (still to run: seed 1, 2, 3): `{then}`"
+            in row.notes
+        )
+    # The second stage, as named: each arm at its rate only.
+    log_figure1(client, exp, (1, 2, 3), {k: epochs[k] for k in (("relu", "0.01"), ("tanh", "0.003"))})
+    row = figure1_row()
+    assert row.per_seed == pytest.approx({1: 15.0 / 4.1, 2: 14.0 / 3.9, 3: 16.0 / 4.0})
+    assert row.command == stage1  # the command column: the sweep, whose report names the rest
+    for arm, then in second.items():
+        assert f"{arm}: the reported seeds at its chosen rate: `{then}`" in row.notes
+
+
+def test_figure1_in_two_real_stages_the_report_names_commands_that_run_one_rate_per_arm(
+    train_run, tmp_path: Path
+):
+    """Figure 1's sweep at toy size (two rates, one epoch, a protocol from which every run is censored): its
+    report names each arm's second stage, and those commands, run as printed, train the reported seeds at
+    that arm's rate alone."""
+    toy = (
+        "experiment=smoke",
+        "logger.experiment_name=fig1",
+        "data.synthetic_size=64",
+        "trainer.max_epochs=1",
+    )
+    train_run("+ablation=figure1", *toy, "optimizer.lr=0.01,0.03", multirun=True)
+    assert len(train_run.runs("fig1")) == 8  # 2 arms x 2 rates x seeds 101, 102
+    md = report_of(train_run, tmp_path, "fig1")
+    named = re.findall(r"(paper|tanh): the reported seeds at its chosen rate \(still to run: seed 1, 2, 3\): "
+                       r"`python src/train\.py -m ([^`]+)`", md)  # fmt: skip
+    assert sorted(arm for arm, _ in named) == ["paper", "tanh"]
+    for _, overrides in named:
+        train_run(*overrides.split(), multirun=True)
+    second = [r for r in train_run.runs("fig1") if r.data.tags.get("seed") in ("1", "2", "3")]
+    rates = {arm: dict(re.findall(r"(optimizer\.lr)=(\S+)", o))["optimizer.lr"] for arm, o in named}
+    assert sorted((r.data.tags["ablation.level"], r.data.tags["seed"]) for r in second) == sorted(
+        (arm, seed) for arm in ("paper", "tanh") for seed in "123"
+    )
+    for r in second:
+        assert r.data.params["optimizer.lr"] == rates[r.data.tags["ablation.level"]]
+        assert r.data.params["optimizer.min_lr"] == r.data.params["optimizer.lr"]
+    md = report_of(train_run, tmp_path, "fig1")
+    assert "still to run" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| ReLU trains faster than tanh"))
+    assert "| 3 |" in row and "**inconclusive**" in row  # ReLU censored at the cap: no verdict
 
 
 def test_one_replicate_of_the_factorial_decides_its_main_effects(tmp_path: Path):

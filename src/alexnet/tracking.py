@@ -145,7 +145,7 @@ def run_tags(cfg: DictConfig, job: dict[str, Any]) -> dict[str, str]:
         "hydra_job_num": str(job.get("num", 0)),
         "output_dir": str(job.get("output_dir", "")),
         # The command line that made the run, without where things went: the report prints it.
-        "overrides": mask_secrets(" ".join(o for o in job.get("overrides", []) if not o.startswith(_WHERE))),
+        "overrides": mask_secrets(" ".join(o for o in job.get("overrides", []) if _says_what(o))),
     }
     if job.get("sweep_dir"):
         tags["sweep_dir"] = str(job["sweep_dir"])
@@ -157,6 +157,13 @@ def run_tags(cfg: DictConfig, job: dict[str, Any]) -> dict[str, str]:
 
 
 _WHERE = ("logger.", "paths.", "hydra.", "hydra/", "trainer.enable_", "data.root", "data.cache_dir")
+# ...except the experiment: a command the report prints must add its runs to the experiment it reads.
+_WHAT = ("logger.experiment_name=",)
+
+
+def _says_what(override: str) -> bool:
+    """Whether an override says what a run is, rather than where its files and records went."""
+    return override.startswith(_WHAT) or not override.startswith(_WHERE)
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -329,9 +336,7 @@ def sweep_parent(client: MlflowClient, exp: str, cfg: DictConfig, job: dict[str,
     command = job.get("sweep_overrides")
     if study is None and command is None:
         return None
-    label = (
-        f"study {study}" if study else "sweep: " + " ".join(o for o in command if not o.startswith(_WHERE))
-    )
+    label = f"study {study}" if study else "sweep: " + " ".join(filter(_says_what, command))
     key = hashlib.sha256(json.dumps([cfg.logger.experiment_name, study or command]).encode()).hexdigest()[:24]
     lock_dir = Path(cfg.paths.checkpoint_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)

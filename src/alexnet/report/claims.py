@@ -43,6 +43,7 @@ class Claim:
     arch: str = "alexnet"
     tune: tuple[str, ...] = ()
     selection_seeds: tuple[int, ...] = ()  # kind ratio: the seeds that choose the tuned setting
+    reported_seeds: tuple[int, ...] = ()  # kind ratio: the seeds to run at the chosen setting
     sweep: str | None = None  # its conf/ablation/ file; None: the command names the arms
     against_overfitting: bool = False  # the paper's reason for the switch (section 4): the report checks it
 
@@ -74,7 +75,7 @@ def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
             raise ReportError(f"{path}: claims.{name} needs arm: <an arm of {ARMS_DIR}>")
         sweep = c.pop("sweep", name if (SWEEPS_DIR / f"{name}.yaml").is_file() else None)
         measures = tuple(Measure(**m) for m in c.pop("measures", []))
-        tuples = {k: tuple(c.get(k, ())) for k in ("tune", "selection_seeds")}
+        tuples = {k: tuple(c.get(k, ())) for k in ("tune", "selection_seeds", "reported_seeds")}
         claims.append(Claim(name=name, measures=measures, arms=arms, sweep=sweep, **{**c, **tuples}))
     return claims
 

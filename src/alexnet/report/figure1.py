@@ -6,6 +6,10 @@ ratio is measured on the other seeds, so that the choice does not flatter the ru
 never reached the target counts as its ``trainer.max_epochs`` (censored), and so does a run that failed or
 diverged at that rate: a rate where some seeds blew up cannot win on its survivors. With a censored tanh run
 the ratio is a lower bound; with a censored ReLU run there is no verdict.
+
+The sweep runs the selection seeds on the whole grid; once they have ended, the report names each arm's
+second stage, its ``reported_seeds`` at its chosen rate only (18 runs for 3 rates, 2 + 3 seeds, 2 arms,
+where the whole grid at every seed would be 30, most of the extra at tanh's slow rates).
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ def _latest(runs: list[RunRecord]) -> dict[int, RunRecord]:
     return {r.seed: r for r in runs if r.seed is not None}
 
 
-def choose(claim: Claim, runs: list[RunRecord]) -> tuple[tuple[str, ...] | None, list[RunRecord], str]:
-    """(the fastest setting of ``claim.tune`` on the selection seeds, the reported runs at it, a note)."""
+def _settings(claim: Claim, runs: list[RunRecord]) -> dict[tuple[str, ...], list[RunRecord]]:
+    """The runs at each setting of ``claim.tune``."""
     settings: dict[tuple[str, ...], list[RunRecord]] = defaultdict(list)
     for r in runs:
         settings[tuple(r.params.get(k, "-") for k in claim.tune)].append(r)
+    return settings
+
+
+def choose(claim: Claim, runs: list[RunRecord]) -> tuple[tuple[str, ...] | None, list[RunRecord], str]:
+    """(the fastest setting of ``claim.tune`` on the selection seeds, the reported runs at it, a note)."""
+    settings = _settings(claim, runs)
     selection = set(claim.selection_seeds)
     held_out = any(r.seed in selection for r in runs)
 
@@ -74,6 +84,27 @@ def choose(claim: Claim, runs: list[RunRecord]) -> tuple[tuple[str, ...] | None,
     )
 
 
+def second_stage(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None:
+    """A note with the multirun of the reported seeds at ``arm``'s chosen setting, once every selection seed
+    has ended at every setting (before that the choice may still change); None before that."""
+    best, reported, _ = choose(claim, runs)
+    settings = _settings(claim, runs)
+    selection = set(claim.selection_seeds)
+
+    def ended(group: list[RunRecord]) -> bool:
+        latest = _latest(group)
+        return all(s in latest and latest[s].status not in ("RUNNING", "SCHEDULED") for s in selection)
+
+    if best is None or not selection or not all(map(ended, settings.values())):
+        return None
+    done = {r.seed for r in reported}
+    missing = [s for s in claim.reported_seeds if s not in done]
+    fixed = {"arm": arm, **{k: v for k, v in zip(claim.tune, best, strict=True) if v != "-"}}
+    then = command(settings[best], claim.sweep, sorted(done | set(claim.reported_seeds)), fixed)
+    still = f" (still to run: seed {', '.join(map(str, missing))})" if missing else ""
+    return f"{arm}: the reported seeds at its chosen rate{still}: `{then}`"
+
+
 def ratio_row(
     claim: Claim, measure: Measure, context: str, text: str, a: list[RunRecord], b: list[RunRecord],
     client: MlflowClient | None,
@@ -83,6 +114,8 @@ def ratio_row(
         _, reported, note = choose(claim, runs)
         chosen[name] = {r.seed: r for r in reported}
         notes.append(f"{name}: {note}")
+        if then := second_stage(claim, name, runs):
+            notes.append(then)
     ea = {s: epochs_to_target(r) for s, r in chosen[PAPER_ARM].items()}
     eb = {s: epochs_to_target(r) for s, r in chosen[claim.arm].items()}
     seeds = sorted(ea.keys() & eb.keys())
@@ -95,10 +128,11 @@ def ratio_row(
         undecidable = f"{PAPER_ARM} did not reach the target in every run: not comparable"
         notes.append(undecidable)
     used = [chosen[PAPER_ARM][s] for s in seeds] + [chosen[claim.arm][s] for s in seeds]
+    first = [r for r in a + b if r.seed in claim.selection_seeds] or a + b  # the sweep: the first stage
     row = Row(
         claim=claim, label=measure.label or measure.metric, section=text, context=context, estimate=est,
         reported=measure.reported, direction=claim.direction, unit="x", runs=used, per_seed=per_seed,
-        command=command(a + b, claim.sweep, sorted({r.seed for r in a + b if r.seed is not None})),
+        command=command(first, claim.sweep, sorted({r.seed for r in first if r.seed is not None})),
         notes=notes, undecidable=undecidable,
     )  # fmt: skip
     if client is None or not seeds:

@@ -136,9 +136,14 @@ def latest_by_seed(runs: Iterable[RunRecord]) -> dict[int, RunRecord]:
     return chosen
 
 
-def command(runs: Iterable[RunRecord], sweep: str | None = None, seeds: Iterable[int] | None = None) -> str:
+def command(
+    runs: Iterable[RunRecord], sweep: str | None = None, seeds: Iterable[int] | None = None,
+    fixed: dict[str, str] | None = None,
+) -> str:  # fmt: skip
     """The multirun that made (or would complete) these runs: the overrides they share, the ones that vary
-    from run to run as comma lists, and the sweep file when they came from one."""
+    from run to run as comma lists, and the sweep file when they came from one; ``fixed``: overrides that
+    replace theirs (one arm, one rate)."""
+    fixed = fixed or {}
     values: dict[str, list[str]] = defaultdict(list)
     runs = list(runs)
     for run in runs:
@@ -149,11 +154,11 @@ def command(runs: Iterable[RunRecord], sweep: str | None = None, seeds: Iterable
     from_sweep = sweep is not None and any(k.lstrip("+") == "ablation" for k in values)
     parts = []
     for key, found in values.items():
-        if key.lstrip("+") == "ablation" or (from_sweep and key in _JOB_KEYS) or key == "seed":
+        if key.lstrip("+") == "ablation" or (from_sweep and key in _JOB_KEYS) or key in ("seed", *fixed):
             continue
         parts.append(f"{key}={','.join(found)}")
-    if sweep is not None:
-        parts.insert(0, f"+ablation={sweep}")
+    head = [f"+ablation={sweep}"] if sweep is not None else []
+    parts = head + [f"{k}={v}" for k, v in fixed.items()] + parts
     seeds = sorted(seeds if seeds is not None else {r.seed for r in runs if r.seed is not None})
     if seeds:
         parts.append("seed=" + ",".join(str(s) for s in seeds))
