@@ -441,6 +441,26 @@ def test_figure1_in_two_real_stages_the_report_names_commands_that_run_one_rate_
     assert "| 3 |" in row and "**inconclusive**" in row  # ReLU censored at the cap: no verdict
 
 
+def test_a_design_without_a_whole_replicate_says_how_far_it_has_got(tmp_path: Path):
+    """Two points of the design and the paper arm's run at seed 1, only the paper arm's at seed 2: no
+    effects yet, and the list of claims to run says seed 1 is 3 of 16 points along (seed 2 not begun)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("design", artifact_location=str(tmp_path / "artifacts"))
+    design = next(c for c in load_claims() if c.name == "factorial").design()
+    arms = [load_arm(name) for name in design.factors]
+    for seed, point in ((1, 0), (1, 3), (1, 15), (2, 15)):  # 15: the paper's configuration
+        params = dict(BASE)
+        for arm, level in zip(arms, design.matrix[point], strict=True):
+            params.update(dict(arm.values) if level < 0 else {})
+        log_run(client, exp, seed, params, metrics={"test/top1_err_1crop": 0.3})
+    rows, _ = make_report("design", uri, tmp_path / "out", log_to_mlflow=False)
+    assert not [r for r in rows if r.claim.name == "factorial"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "max_epochs=6 (config" in md and ", seed 1: 3 of 16 design points finished" in md
+    assert "seed 2:" not in md
+
+
 def test_one_replicate_of_the_factorial_decides_its_main_effects(tmp_path: Path):
     """The 16 runs of the 2^(7-3) design at one seed, LRN off worth about 3 points and nothing else: with the
     interaction chains pooled into the error the runs' noise has 8 degrees of freedom, enough for a verdict

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from alexnet.report import stats
+from alexnet.report import factorial, stats
 from alexnet.report.analysis import Row, Settings
 from alexnet.report.claims import Claim
 from alexnet.report.render import Bullets, Document, Image, Section, Table
@@ -190,6 +190,9 @@ def build(
     if missing:
         base = common_overrides(runs)
         items = [f"{c.title} (section {c.section}): `{missing_command(c, base)}`" for c in missing]
+        items += [
+            f"{c.title}: {p}" for c in missing if c.kind == "factorial" for p in factorial.progress(c, runs)
+        ]
         doc.sections.append(Section("Claims without runs in this experiment, and the commands that add them",
                                     [Bullets(items)]))  # fmt: skip
     lost = sorted((r for r in runs if not r.finished), key=lambda r: (r.arm or "", r.seed or 0))

@@ -37,6 +37,24 @@ def signs(design: Design, run: RunRecord) -> str | None:
     return "".join("+" if level == PAPER_ARM else "-" for level in levels)
 
 
+def progress(claim: Claim, runs: list[RunRecord]) -> list[str]:
+    """How far a design without a complete replicate has got: its finished points, per context and seed (a
+    seed whose only point is the paper arm's run, which every replicate shares, has not started)."""
+    design = claim.design()
+    points = {design.signs(i) for i in range(design.runs)}
+    ignore = frozenset().union(*(load_arm(f).keys for f in design.factors))
+    mine = [r for r in runs if r.arch == claim.arch and r.finished and r.seed is not None]
+    found = []
+    for group in by_context(mine, ignore).values():
+        got: dict[int, set[str]] = defaultdict(set)
+        for r in group:
+            if (point := signs(design, r)) in points:
+                got[r.seed].add(point)
+        found += [f"{section_of(group[0])}, seed {seed}: {len(got[seed])} of {design.runs} design points "
+                  "finished" for seed in sorted(got) if got[seed] != {"+" * len(design.factors)}]  # fmt: skip
+    return found
+
+
 def _reported(factor: str, metric: str) -> tuple[float | None, int, str]:
     """The paper's delta for the switch an arm flips, with its direction and claim title."""
     for claim in load_claims():
