@@ -334,7 +334,9 @@ def log_figure1(client, exp, seeds, settings=FIGURE1_EPOCHS) -> None:
         for seed in seeds:
             e = by_seed[seed]
             tags = {"overrides": f"arm={arm} optimizer.lr={lr} seed={seed} +ablation=figure1 experiment=cpu"}
-            if e is None:
+            if e == math.inf:  # stopped at the cap, short of the target
+                log_run(client, exp, seed, params, tags=tags)
+            elif e is None:
                 log_run(client, exp, seed, params, status="FAILED",
                         tags={**tags, "diverged": "true", "error": "nan"})  # fmt: skip
             else:
@@ -405,6 +407,11 @@ def test_figure1_runs_in_two_stages_the_report_names_the_second(tmp_path: Path):
     assert row.command == stage1  # the command column: the sweep, whose report names the rest
     for arm, then in second.items():
         assert f"{arm}: the reported seeds at its chosen rate: `{then}`" in row.notes
+    # A chosen rate at which a selection seed stopped at the cap: the second stage would report a bound.
+    log_figure1(client, exp, (101,), {("tanh", "0.003"): {101: math.inf}, ("tanh", "0.01"): {101: math.inf}})
+    (capped,) = [n for n in figure1_row().notes if n.startswith("tanh: the reported seeds")]
+    assert capped.startswith(f"tanh: the reported seeds at its chosen rate: `{second['tanh']}`; but ")
+    assert "selection seed 101 never reached the target" in capped and "trainer.max_epochs" in capped
 
 
 def test_figure1_in_two_real_stages_the_report_names_commands_that_run_one_rate_per_arm(

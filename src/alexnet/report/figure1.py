@@ -102,7 +102,15 @@ def second_stage(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None:
     fixed = {"arm": arm, **{k: v for k, v in zip(claim.tune, best, strict=True) if v != "-"}}
     then = command(settings[best], claim.sweep, sorted(done | set(claim.reported_seeds)), fixed)
     still = f" (still to run: seed {', '.join(map(str, missing))})" if missing else ""
-    return f"{arm}: the reported seeds at its chosen rate{still}: `{then}`"
+    note = f"{arm}: the reported seeds at its chosen rate{still}: `{then}`"
+    capped = sorted(
+        s for s, r in _latest(settings[best]).items() if s in selection and epochs_to_target(r)[1]
+    )
+    if capped:  # the protocol wants no run stopped at the cap: say so before the second stage is run
+        note += (f"; but at that rate selection seed {', '.join(map(str, capped))} never reached the target: "
+                 "rerun both stages with a larger trainer.max_epochs (or another grid), or the ratio is only "
+                 "a bound")  # fmt: skip
+    return note
 
 
 def ratio_row(
