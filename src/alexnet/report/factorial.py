@@ -37,21 +37,33 @@ def signs(design: Design, run: RunRecord) -> str | None:
     return "".join("+" if level == PAPER_ARM else "-" for level in levels)
 
 
+def _replicates(
+    design: Design, runs: list[RunRecord]
+) -> dict[str, tuple[list[tuple[RunRecord, str]], dict[int, dict[str, RunRecord]]]]:
+    """Per context: its runs at a point of the design with their point (oldest first), and each seed's
+    finished run at each point (the newest wins)."""
+    points = {design.signs(i) for i in range(design.runs)}
+    ignore = frozenset().union(*(load_arm(f).keys for f in design.factors))
+    found = {}
+    for context, group in by_context(runs, ignore).items():
+        members = [(r, point) for r in group if (point := signs(design, r)) in points]
+        by_seed: dict[int, dict[str, RunRecord]] = defaultdict(dict)
+        for run, point in members:
+            if run.finished and run.seed is not None:
+                by_seed[run.seed][point] = run
+        found[context] = (members, by_seed)
+    return found
+
+
 def progress(claim: Claim, runs: list[RunRecord]) -> list[str]:
     """How far a design without a complete replicate has got: its finished points, per context and seed (a
     seed whose only point is the paper arm's run, which every replicate shares, has not started)."""
     design = claim.design()
-    points = {design.signs(i) for i in range(design.runs)}
-    ignore = frozenset().union(*(load_arm(f).keys for f in design.factors))
-    mine = [r for r in runs if r.arch == claim.arch and r.finished and r.seed is not None]
+    paper_only = {"+" * len(design.factors)}
     found = []
-    for group in by_context(mine, ignore).values():
-        got: dict[int, set[str]] = defaultdict(set)
-        for r in group:
-            if (point := signs(design, r)) in points:
-                got[r.seed].add(point)
-        found += [f"{section_of(group[0])}, seed {seed}: {len(got[seed])} of {design.runs} design points "
-                  "finished" for seed in sorted(got) if got[seed] != {"+" * len(design.factors)}]  # fmt: skip
+    for members, by_seed in _replicates(design, [r for r in runs if r.arch == claim.arch]).values():
+        found += [f"{section_of(members[0][0])}, seed {seed}: {len(got)} of {design.runs} design points "
+                  "finished" for seed, got in sorted(by_seed.items()) if set(got) != paper_only]  # fmt: skip
     return found
 
 
@@ -68,16 +80,8 @@ def _reported(factor: str, metric: str) -> tuple[float | None, int, str]:
 
 def rows(claim: Claim, runs: list[RunRecord], settings: Settings) -> list[Row]:
     design = claim.design()
-    points = {design.signs(i): i for i in range(design.runs)}
-    ignore = frozenset().union(*(load_arm(f).keys for f in design.factors))
     found: list[Row] = []
-    for context, group in by_context(runs, ignore).items():
-        members = [(r, signs(design, r)) for r in group]
-        members = [(r, s) for r, s in members if s in points]
-        by_seed: dict[int, dict[str, RunRecord]] = defaultdict(dict)
-        for run, point in members:  # oldest first: the newest run of a point wins
-            if run.finished and run.seed is not None:
-                by_seed[run.seed][point] = run
+    for context, (members, by_seed) in _replicates(design, runs).items():
         complete = sorted(s for s, got in by_seed.items() if len(got) == design.runs)
         if not complete:
             continue
