@@ -18,6 +18,7 @@ from scipy import stats as scipy_stats
 
 from alexnet.report import ROOT, make_report
 from alexnet.report.claims import load_arm, load_claims
+from alexnet.report.document import missing_command
 from alexnet.tracking import OUTCOMES_ARTIFACT, labels_digest
 
 IMAGES = 2000
@@ -237,6 +238,21 @@ def test_every_claim_is_data_with_a_section_and_an_arm():
     assert claims["factorial"].design().resolution == 4
     for claim in claims.values():
         assert claim.section and claim.paper_data
+
+
+def test_a_claim_without_runs_is_named_at_the_preset_made_for_it_at_this_scale():
+    """Figure 1 has its own CPU scale (experiment=cpu_figure1): a report over experiment=cpu runs names it,
+    and keeps the others' scale as it is."""
+    claims = {c.name: c for c in load_claims()}
+    base = "experiment=cpu logger.experiment_name=mine"
+    assert missing_command(claims["figure1"], base) == (
+        "python src/train.py -m +ablation=figure1 experiment=cpu_figure1 logger.experiment_name=mine"
+    )
+    assert missing_command(claims["lrn"], base) == (
+        "python src/train.py -m +ablation=lrn experiment=cpu logger.experiment_name=mine"
+    )
+    smoke = "experiment=smoke data.synthetic_size=64"
+    assert smoke in missing_command(claims["figure1"], smoke)  # no smoke_figure1 preset
 
 
 def test_unknown_experiment_is_explained(tmp_path: Path):

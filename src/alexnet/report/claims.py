@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[3]
 CLAIMS_FILE = ROOT / "conf" / "claims.yaml"
 ARMS_DIR = ROOT / "conf" / "arm"
 SWEEPS_DIR = ROOT / "conf" / "ablation"
+EXPERIMENTS_DIR = ROOT / "conf" / "experiment"
 PAPER_ARM = "paper"
 KINDS = ("delta", "views", "ratio", "factorial")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from alexnet.report import factorial, stats
 from alexnet.report.analysis import Row, Settings
-from alexnet.report.claims import Claim
+from alexnet.report.claims import EXPERIMENTS_DIR, Claim
 from alexnet.report.render import Bullets, Document, Image, Section, Table
 from alexnet.report.runs import RunRecord, common_overrides
 
@@ -231,8 +231,18 @@ def sections(rows: list[Row]) -> dict[str, list[Row]]:
 
 
 def missing_command(claim: Claim, base: str) -> str:
-    """The command that would add ``claim`` to this report: at the scale and on the data of its other runs."""
+    """The command that would add ``claim`` to this report: at the scale and on the data of its other runs,
+    or at the preset made for this claim at that scale (``experiment=cpu_figure1`` beside ``cpu``)."""
+    base = " ".join(_claim_scale(o, claim) for o in base.split())
     if claim.sweep:  # the sweep file names its arms and seeds
         return " ".join(p for p in ("python src/train.py -m", f"+ablation={claim.sweep}", base) if p)
     arms = ",".join(("paper", *claim.arms))
     return " ".join(p for p in ("python src/train.py -m", f"arm={arms}", base, "seed=1,2,3") if p)
+
+
+def _claim_scale(override: str, claim: Claim) -> str:
+    key, _, value = override.partition("=")
+    own = f"{value}_{claim.sweep}"
+    if key == "experiment" and claim.sweep and (EXPERIMENTS_DIR / f"{own}.yaml").is_file():
+        return f"{key}={own}"
+    return override
