@@ -416,6 +416,12 @@ def test_figure1_runs_in_two_stages_the_report_names_the_second(tmp_path: Path):
             f"{arm}: the reported seeds at its chosen rate (still to run: seed 1, 2, 3): `{then}`"
             in row.notes
         )
+    # Both chosen rates are the smallest each arm tried: the fastest may lie below. Each note names the
+    # first stage one grid step further down (ReLU's step 3x, tanh's 3.33x).
+    assert (f"paper: optimizer.lr=0.01 is the grid's smallest; try one step past it first: `{sweep} "
+            "arm=paper optimizer.lr=0.0033 experiment=cpu seed=101,102`") in row.notes  # fmt: skip
+    assert any(n.startswith("tanh: optimizer.lr=0.003 is the grid's smallest") and "optimizer.lr=0.0009 " in n
+               for n in row.notes)  # fmt: skip
     # The second stage, as named: each arm at its rate only.
     log_figure1(client, exp, (1, 2, 3), {k: epochs[k] for k in (("relu", "0.01"), ("tanh", "0.003"))})
     row = figure1_row()
@@ -423,6 +429,11 @@ def test_figure1_runs_in_two_stages_the_report_names_the_second(tmp_path: Path):
     assert row.command == stage1  # the command column: the sweep, whose report names the rest
     for arm, then in second.items():
         assert f"{arm}: the reported seeds at its chosen rate: `{then}`" in row.notes
+    # A slower rate below ReLU's: its chosen rate now lies inside the grid, and the edge note goes.
+    log_figure1(client, exp, (101, 102), {("relu", "0.003"): {101: 8.0, 102: 9.0}})
+    notes = figure1_row().notes
+    assert not any(n.startswith("paper: optimizer.lr=") for n in notes)
+    assert any(n.startswith("tanh: optimizer.lr=0.003 is the grid's smallest") for n in notes)
     # A chosen rate at which a selection seed stopped at the cap: the second stage would report a bound.
     log_figure1(client, exp, (101,), {("tanh", "0.003"): {101: math.inf}, ("tanh", "0.01"): {101: math.inf}})
     (capped,) = [n for n in figure1_row().notes if n.startswith("tanh: the reported seeds")]

@@ -77,11 +77,42 @@ def choose(claim: Claim, runs: list[RunRecord]) -> tuple[tuple[str, ...] | None,
     reported = [r for s, r in _latest(settings[best]).items() if not held_out or s not in selection]
     tried = "; ".join(f"{','.join(s)}: {speed(s)[0]:.1f}" for s in ranked)
     how = "on the selection seeds" if held_out else "on the reported runs themselves (optimistic)"
-    return (
-        best,
-        reported,
-        f"best {'/'.join(claim.tune)} = {','.join(best)} chosen {how} (mean epochs: {tried})",
-    )
+    note = f"best {'/'.join(claim.tune)} = {','.join(best)} chosen {how} (mean epochs: {tried})"
+    return best, reported, note
+
+
+def _selection_ended(claim: Claim, settings: dict[tuple[str, ...], list[RunRecord]]) -> bool:
+    """Every selection seed has ended at every setting: before that the choice may still change."""
+    selection = set(claim.selection_seeds)
+
+    def ended(group: list[RunRecord]) -> bool:
+        latest = _latest(group)
+        return all(s in latest and latest[s].status not in ("RUNNING", "SCHEDULED") for s in selection)
+
+    return bool(selection) and all(map(ended, settings.values()))
+
+
+def beyond_the_grid(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None:
+    """A note when the chosen value of the first tuned key is the grid's smallest or largest, with the
+    first-stage command one grid step past it: the fastest rate may lie outside the grid, and section 3.1's
+    "as fast as possible" is not established until a rate on each side of the chosen one is slower."""
+    best, _, _ = choose(claim, runs)
+    settings = _settings(claim, runs)
+    if best is None or not _selection_ended(claim, settings):
+        return None
+    try:
+        grid = sorted({float(s[0]) for s in settings})
+        chosen = float(best[0]) if best else math.nan
+    except ValueError:  # not numeric: no order, no edge
+        return None
+    if len(grid) < 2 or not (chosen == grid[0] or chosen == grid[-1]):
+        return None
+    step = grid[1] / grid[0] if chosen == grid[0] else grid[-1] / grid[-2]
+    past = chosen / step if chosen == grid[0] else chosen * step
+    first = [r for r in runs if r.seed in claim.selection_seeds] or runs
+    then = command(first, claim.sweep, claim.selection_seeds, {"arm": arm, claim.tune[0]: f"{past:.2g}"})
+    side = "smallest" if chosen == grid[0] else "largest"
+    return f"{arm}: {claim.tune[0]}={best[0]} is the grid's {side}; try one step past it first: `{then}`"
 
 
 def second_stage(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None:
@@ -89,14 +120,9 @@ def second_stage(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None:
     has ended at every setting (before that the choice may still change); None before that."""
     best, reported, _ = choose(claim, runs)
     settings = _settings(claim, runs)
-    selection = set(claim.selection_seeds)
-
-    def ended(group: list[RunRecord]) -> bool:
-        latest = _latest(group)
-        return all(s in latest and latest[s].status not in ("RUNNING", "SCHEDULED") for s in selection)
-
-    if best is None or not selection or not all(map(ended, settings.values())):
+    if best is None or not _selection_ended(claim, settings):
         return None
+    selection = set(claim.selection_seeds)
     done = {r.seed for r in reported}
     missing = [s for s in claim.reported_seeds if s not in done]
     fixed = {"arm": arm, **{k: v for k, v in zip(claim.tune, best, strict=True) if v != "-"}}
@@ -122,6 +148,8 @@ def ratio_row(
         _, reported, note = choose(claim, runs)
         chosen[name] = {r.seed: r for r in reported}
         notes.append(f"{name}: {note}")
+        if edge := beyond_the_grid(claim, name, runs):
+            notes.append(edge)
         if then := second_stage(claim, name, runs):
             notes.append(then)
     ea = {s: epochs_to_target(r) for s, r in chosen[PAPER_ARM].items()}
