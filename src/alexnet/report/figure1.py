@@ -102,7 +102,7 @@ def beyond_the_grid(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None
         return None
     try:
         grid = sorted({float(s[0]) for s in settings})
-        chosen = float(best[0]) if best else math.nan
+        chosen = float(best[0])
     except ValueError:  # not numeric: no order, no edge
         return None
     if len(grid) < 2 or not (chosen == grid[0] or chosen == grid[-1]):
