@@ -5,8 +5,6 @@ The sessions run in the environment nox is started from (python=False): the proj
 gigabytes, so install once as the README says (`pip install -e ".[dev]"`) and let every session reuse it.
 """
 
-from pathlib import Path
-
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -53,10 +51,10 @@ def ablations(session: nox.Session) -> None:
     sweeps of conf/ablation/ only. A failed job does not stop the others, and the report lists it, so the
     report is written whatever the sweeps' exit codes.
     """
+    from alexnet.report.claims import own_preset  # the project's env (python=False); not at `nox -l`
+
     for sweep in session.posargs or ["paper", "factorial", "figure1"]:
-        # A claim's own preset at this scale when it has one (cpu_figure1), as the report names it.
-        own = f"cpu_{sweep}"
-        scale = f"experiment={own if Path(f'conf/experiment/{own}.yaml').is_file() else 'cpu'}"
+        scale = f"experiment={own_preset(sweep, 'cpu')}"  # cpu_figure1 for figure1, as the report names it
         session.run("python", "src/train.py", "-m", f"+ablation={sweep}", scale, success_codes=[0, 1])
     session.run("python", "src/report.py", "ablation_cpu")
 

@@ -93,6 +93,13 @@ class Arm:
         return frozenset(k for k, _ in self.values)
 
 
+def own_preset(sweep: str | None, experiment: str) -> str:
+    """The experiment preset a claim's sweep runs at, at the scale ``experiment``: its own when the claim has
+    one there (``cpu_figure1`` beside ``cpu``: conf/experiment/<scale>_<sweep>.yaml), else the scale."""
+    own = f"{experiment}_{sweep}"
+    return own if sweep and (EXPERIMENTS_DIR / f"{own}.yaml").is_file() else experiment
+
+
 @lru_cache
 def load_arm(name: str) -> Arm:
     values = flatten(OmegaConf.to_container(OmegaConf.load(ARMS_DIR / f"{name}.yaml")))

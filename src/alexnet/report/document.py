@@ -11,7 +11,7 @@ import numpy as np
 
 from alexnet.report import factorial, stats
 from alexnet.report.analysis import Row, Settings
-from alexnet.report.claims import EXPERIMENTS_DIR, Claim
+from alexnet.report.claims import Claim, own_preset
 from alexnet.report.render import Bullets, Document, Image, Section, Table
 from alexnet.report.runs import RunRecord, common_overrides
 
@@ -242,7 +242,4 @@ def missing_command(claim: Claim, base: str) -> str:
 
 def _claim_scale(override: str, claim: Claim) -> str:
     key, _, value = override.partition("=")
-    own = f"{value}_{claim.sweep}"
-    if key == "experiment" and claim.sweep and (EXPERIMENTS_DIR / f"{own}.yaml").is_file():
-        return f"{key}={own}"
-    return override
+    return f"{key}={own_preset(claim.sweep, value)}" if key == "experiment" else override
