@@ -18,8 +18,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def slow(session: nox.Session) -> None:
-    """Longer tests: a full CIFAR-10 epoch, the full-size 227 network, DDP sweeps, the team server's load."""
-    session.run("python", "-m", "pytest", "-m", "slow", *session.posargs)
+    """Longer tests: a full CIFAR-10 epoch, the full-size 227 network, DDP sweeps, the team server's load.
+    One at a time (-n 0): the load test and the DDP sweeps measure and time out as if alone on the machine."""
+    session.run("python", "-m", "pytest", "-m", "slow", "-n", "0", *session.posargs)
 
 
 @nox.session(python=False)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -24,6 +25,13 @@ SHARED_DATA = Path(os.environ.get("ALEXNET_DATA_DIR", ROOT.parent / "shared" / "
 CIFAR10 = SHARED_DATA / "cifar10"
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+# pytest-xdist's workers share the cores (pyproject's addopts: -n auto): each worker, and every train.py its
+# tests start (they inherit the environment), takes its share of the threads, not all of them, which would
+# have the workers' thread pools fight over the same cores.
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(_workers))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture
