@@ -7,6 +7,7 @@
 - ``seeding``: common random numbers, the run seed's streams
 - ``config``: the other config groups' schemas and the check before anything runs
 - ``identity``, ``tracking``, ``task``: what a run is; what it records in MLflow; the life of a job
+- ``redaction``: passwords in URLs kept out of the tracker, the logs and stdout
 - ``design``: fractional factorial designs over arms
 - ``search``: an Optuna trial inside a job
 - ``report``: the measured-vs-reported report (claims, runs, statistics, analysis, rendering)

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from alexnet import ddp, design, devices, search, tracking
+from alexnet import ddp, design, devices, redaction, search, tracking
 from alexnet.config import CheckedConfig, DataConfig, _typed, check_config
 from alexnet.data import AlexNetDataModule
 from alexnet.errors import Diverged, UserError
@@ -162,11 +162,11 @@ def entry(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     job would meet it too. In an Optuna study the trial's own values may be the mistake, so only that trial
     fails (the sweeper records why) and the study goes on."""
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, tracking.SecretFilter) for f in handler.filters):
-            handler.addFilter(tracking.SecretFilter())
+        if not any(isinstance(f, redaction.SecretFilter) for f in handler.filters):
+            handler.addFilter(redaction.SecretFilter())
     try:
         return task(cfg)
     except UserError as err:
         if cfg.get("optuna"):
             raise
-        raise SystemExit(f"{err.label}: {tracking.mask_secrets(str(err))}") from None
+        raise SystemExit(f"{err.label}: {redaction.mask_secrets(str(err))}") from None

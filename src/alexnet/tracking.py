@@ -9,7 +9,7 @@ Every training job is one MLflow run that holds
 
 The jobs of one sweep (a Hydra multirun, or an Optuna study) are nested under one parent run. Any tracking
 URI MLflow accepts works: the default SQLite file, or ``http://host:5000``. A password in a URL (a tracking
-server's or a database's) never reaches the tracker or a log line: ``mask_secrets`` replaces it with ***.
+server's or a database's) never reaches the tracker or a log line (alexnet.redaction).
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ import io
 import json
 import logging
 import math
-import os
-import re
 import subprocess
 import tempfile
 import traceback
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +41,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from alexnet.errors import TrackingError
 from alexnet.identity import config_lock, experiment_params, run_key, run_name
+from alexnet.redaction import mask_log_records, mask_secrets, quiet_run_links
 
 log = logging.getLogger(__name__)
+
+# Before Hydra logs its first line: src/train.py imports this module first.
+mask_log_records()
 
 OUTCOMES_ARTIFACT = "test_outcomes.npz"
 # MLflow 3's UI opens an experiment of this kind on its table of training runs (not on the GenAI overview).
@@ -60,67 +61,6 @@ HEADLINE = {
     "final/epochs_to_target": "headline/epochs_to_target",
 }
 SWEEP_TAG = "alexnet.sweep"  # on a sweep's parent run: the digest of the sweep's command line
-# user:password@ in any URL (tracking servers, SQLAlchemy database URLs).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):([^\s@/]+)@")
-
-
-def mask_secrets(text: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``, anywhere in ``text``."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
-
-
-def has_secret(text: str) -> bool:
-    return mask_secrets(text) != text
-
-
-def _masking_factory(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
-    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = factory(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record: the handler reports it as usual
-            return record
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:  # the traceback, formatted once, masked
-            record.exc_text = mask_secrets(logging.Formatter().formatException(record.exc_info))
-        return record
-
-    make.masks_secrets = True  # type: ignore[attr-defined]
-    return make
-
-
-def mask_log_records() -> None:
-    """Mask passwords in URLs in every log record this process creates, whichever logger (Hydra's
-    launchers, the sweeper, MLflow, Lightning) and whichever handler, also those configured later: the
-    record is masked when it is made. Called when this module is imported, which src/train.py does before
-    Hydra logs its first line."""
-    factory = logging.getLogRecordFactory()
-    if not getattr(factory, "masks_secrets", False):
-        logging.setLogRecordFactory(_masking_factory(factory))
-
-
-mask_log_records()
-
-
-def quiet_run_links(uri: str) -> None:
-    """MLflow's client prints "View run <name> at: <tracking URI>/#/..." to stdout (not through logging)
-    when a run ends: with a password in the URI, it must not."""
-    if has_secret(uri):
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-
-
-class SecretFilter(logging.Filter):
-    """Masks passwords in URLs in every record a handler emits (installed by the task on the root logger's
-    handlers, so Hydra's job log and the console never show one)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
 
 
 def git_commit(root: Path) -> str:

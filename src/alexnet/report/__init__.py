@@ -24,12 +24,13 @@ import torch
 from mlflow import MlflowClient
 
 from alexnet.errors import ReportError
+from alexnet.redaction import mask_secrets
 from alexnet.report import document, render
 from alexnet.report.analysis import Row, Settings, analyse
 from alexnet.report.claims import CLAIMS_FILE, ROOT, load_claims
 from alexnet.report.plots import plot
 from alexnet.report.runs import REPORT_TAG, RunRecord, fetch_runs, load_outcomes
-from alexnet.tracking import git_commit, mask_secrets
+from alexnet.tracking import git_commit
 
 __all__ = ["ROOT", "make_report", "main", "Settings"]
 

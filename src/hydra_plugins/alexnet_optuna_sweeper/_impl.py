@@ -30,8 +30,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from alexnet.redaction import mask_secrets, quiet_run_links
+
 from ._space import SearchParam, SearchSpaceError, params_to_entries, parse_search_space
-from .trials import job_overrides, mask, open_storage, quiet_run_links, redact
+from .trials import job_overrides, open_storage, redact
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,7 @@ class OptunaSweeperImpl(Sweeper):
             batch = [study.ask(distributions) for _ in range(min(self.n_jobs, left))]
             for trial, outcome in zip(batch, self._run_batch(study, batch, space, fixed), strict=True):
                 if outcome.state == TrialState.FAIL:
-                    failures.append(f"trial {trial.number}: {mask(outcome.reason or '')}")
+                    failures.append(f"trial {trial.number}: {mask_secrets(outcome.reason or '')}")
             if len(failures) > self.max_failure_rate * planned:
                 self._summarize(study, sweep_dir, stopped=True)
                 raise TooManyFailuresError(
@@ -274,7 +276,7 @@ class OptunaSweeperImpl(Sweeper):
         stored = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         run_id = stored.user_attrs.get("mlflow_run_id")
         if outcome.reason:  # an error message may quote a URL: never with its password
-            outcome = replace(outcome, reason=mask(outcome.reason))
+            outcome = replace(outcome, reason=mask_secrets(outcome.reason))
         if outcome.state == TrialState.FAIL and outcome.reason:
             trial.set_user_attr("error", outcome.reason[:5000])
         if outcome.value_from:
@@ -314,7 +316,8 @@ class OptunaSweeperImpl(Sweeper):
                 client.set_tag(run_id, "error", outcome.reason or "")
                 client.set_terminated(run_id, "FAILED")
         except Exception as err:  # the study goes on; MLflow only mirrors its state
-            log.warning("Could not mark MLflow run %s as %s: %s", run_id, outcome.state.name, mask(str(err)))
+            reason = mask_secrets(str(err))
+            log.warning("Could not mark MLflow run %s as %s: %s", run_id, outcome.state.name, reason)
 
     def _summarize(self, study: optuna.Study, sweep_dir: Path, stopped: bool) -> None:
         """Print the study's best trial, write it to optimization_results.yaml in the sweep folder and log it
@@ -383,4 +386,4 @@ class OptunaSweeperImpl(Sweeper):
                     client.log_metric(run.info.run_id, self.metric, best.value)
             client.set_terminated(run.info.run_id, "FAILED" if stopped else "FINISHED")
         except Exception as err:  # the study is in its storage either way
-            log.warning("Could not log the study summary to MLflow: %s", mask(str(err)))
+            log.warning("Could not log the study summary to MLflow: %s", mask_secrets(str(err)))

@@ -10,12 +10,12 @@ for runs that never sweep.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydra.core.override_parser.types import Transformer
+
+from alexnet.redaction import mask_secrets  # standard library only: cheap at Hydra's start-up
 
 if TYPE_CHECKING:
     import optuna
@@ -39,24 +39,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
-# user:password@ in any URL; the same pattern as alexnet.tracking.mask_secrets (the plugin does not import
-# alexnet: Hydra loads plugins at start-up, for every run).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):([^\s@/]+)@")
-
-
-def mask(text: str) -> str:
-    """Every password in a URL in ``text`` as ***: for error messages that may quote a storage or tracking
-    URL, before they are logged or stored (trial attribute ``error``, MLflow tag ``error``)."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
-
-
-def quiet_run_links(tracking_uri: str) -> None:
-    """MLflow's client prints "View run ... at: <tracking URI>/#/..." to stdout when a run ends; not when
-    that URI holds a password."""
-    if mask(tracking_uri) != tracking_uri:
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-
-
 def redact(url: str) -> str:
     """The storage URL without its password, for logs and MLflow tags."""
     from sqlalchemy.engine import make_url
@@ -65,7 +47,7 @@ def redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
-        return mask(url)
+        return mask_secrets(url)
 
 
 def job_overrides(study_name: str, trial_number: int) -> list[str]:
