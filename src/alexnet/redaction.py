@@ -23,16 +23,20 @@ def has_secret(text: str) -> bool:
     return mask_secrets(text) != text
 
 
+def _mask_message(record: logging.LogRecord) -> None:
+    message = record.getMessage()
+    masked = mask_secrets(message)
+    if masked != message:
+        record.msg, record.args = masked, None
+
+
 def _masking_factory(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
     def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         try:
-            message = record.getMessage()
+            _mask_message(record)
         except Exception:  # noqa: BLE001 - a malformed record: the handler reports it as usual
             return record
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:  # the traceback, formatted once, masked
             record.exc_text = mask_secrets(logging.Formatter().formatException(record.exc_info))
         return record
@@ -63,8 +67,5 @@ class SecretFilter(logging.Filter):
     handlers, so Hydra's job log and the console never show one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
+        _mask_message(record)
         return True
