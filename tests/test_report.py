@@ -577,3 +577,24 @@ def test_a_claim_against_overfitting_says_whether_the_runs_overfit(tmp_path: Pat
     assert "12.0% training error" in note and f"test error is {test - 12.0:.1f} points above" in note
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Dropout in fc6 and fc7: without it, the runs end at 32.0% training error" in md
+
+
+def test_tables_at_one_scale_name_the_keys_their_configs_differ_in(tmp_path: Path):
+    """Two schedules at one scale are two tables; their headings say which key sets them apart, not only
+    their config digests."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("schedules", artifact_location=str(tmp_path / "artifacts"))
+    rng = np.random.default_rng(3)
+    for patience in ("2", "5"):
+        for seed in (1, 2, 3):
+            params = {**BASE, "optimizer.plateau_patience": patience}
+            log_run(client, exp, seed, params, errors_with(rng, 0.30))
+            log_run(client, exp, seed, {**params, "model.lrn": "False"}, errors_with(rng, 0.32))
+    rows, _ = make_report("schedules", uri, tmp_path / "out", log_to_mlflow=False)
+    headings = {r.section for r in rows_of(rows, "lrn")}
+    assert len(headings) == 2
+    for patience in ("2", "5"):
+        (heading,) = [h for h in headings if f"optimizer.plateau_patience={patience} (config " in h]
+        assert heading.startswith("arch=alexnet, dataset=cifar10, width=0.25")
+        assert f"## Runs with {heading}" in (tmp_path / "out" / "report.md").read_text()

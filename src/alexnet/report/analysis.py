@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from alexnet.report import stats
 from alexnet.report.claims import PAPER_ARM, Claim, Measure, all_arm_keys, level_of, load_arm
-from alexnet.report.runs import RunRecord, by_context, command, context_of, describe, latest_by_seed
+from alexnet.report.runs import (
+    RunRecord,
+    by_context,
+    command,
+    context_of,
+    describe,
+    latest_by_seed,
+    setting_of,
+)
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Row:
     runs: list[RunRecord]
     command: str
     not_finished: list[RunRecord] = field(default_factory=list)
+    setting: dict[str, str] = field(default_factory=dict)  # the paper arm's params that fix the section
     notes: list[str] = field(default_factory=list)
     per_seed: dict[int, float] = field(default_factory=dict)
     compared: dict[int, tuple[float, float]] = field(default_factory=dict)  # per seed: both sides, in points
@@ -64,6 +74,29 @@ def section_of(paper_run: RunRecord, tune: tuple[str, ...] = ()) -> str:
     """A comparison's table: its scale, and the paper arm's config with every switch an arm flips left out,
     so that claims measured against the same paper runs share one table."""
     return f"{describe(paper_run)} (config {context_of(paper_run, all_arm_keys() | set(tune))})"
+
+
+def section_setting(paper_run: RunRecord, tune: tuple[str, ...] = ()) -> dict[str, str]:
+    """The params behind ``section_of``'s config digest."""
+    return setting_of(paper_run, all_arm_keys() | set(tune))
+
+
+def name_sections(rows: list[Row]) -> None:
+    """Tables whose headings would differ only in their config digest (the same scale, a schedule or rate
+    apart) name the keys in which their paper runs differ, so a reader can tell them apart."""
+    alike: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)  # scale -> heading -> setting
+    for row in rows:
+        alike[row.section.partition(" (config ")[0]][row.section] = row.setting
+    renamed = {}
+    for settings in alike.values():
+        keys = sorted({k for setting in settings.values() for k in setting})
+        differ = [k for k in keys if len({setting.get(k) for setting in settings.values()}) > 1]
+        for heading, setting in settings.items():
+            if differ:
+                named = ", ".join(f"{k}={setting.get(k, '-')}" for k in differ)
+                renamed[heading] = heading.replace(" (config ", f", {named} (config ", 1)
+    for row in rows:
+        row.section = renamed.get(row.section, row.section)
 
 
 OUTCOME_OF = {
@@ -120,6 +153,7 @@ def analyse(
             continue
         for arm in [load_arm(name) for name in claim.arms] or [None]:
             rows += _claim_rows(claim, arm, mine, client, curves)
+    name_sections(rows)
     judge(rows, settings)
     return rows, curves
 
@@ -147,6 +181,7 @@ def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) 
                 row = _delta_row(claim, measure, context, text, a, b)
             if len(claim.arms) > 1:
                 row.label += f" ({arm.name})"
+            row.setting = section_setting(a[0], claim.tune)
             row.not_finished = [r for r in group if not r.finished]
             rows.append(row)
     return rows

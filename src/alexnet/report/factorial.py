@@ -24,7 +24,7 @@ import numpy as np
 
 from alexnet.design import Design
 from alexnet.report import stats
-from alexnet.report.analysis import Row, Settings, errors, section_of
+from alexnet.report.analysis import Row, Settings, errors, section_of, section_setting
 from alexnet.report.claims import PAPER_ARM, Claim, level_of, load_arm, load_claims
 from alexnet.report.runs import RunRecord, by_context, command
 
@@ -93,6 +93,7 @@ def rows(claim: Claim, runs: list[RunRecord], settings: Settings) -> list[Row]:
             effects = _effects(claim, design, measure.metric, complete, ordered, context, text)
             for row in effects:
                 row.not_finished = lost
+                row.setting = section_setting(ordered[0])
                 if partial:
                     row.notes.append(f"seeds {partial} have only part of the design: not used")
             found += effects

@@ -105,11 +105,15 @@ def load_outcomes(client: MlflowClient, runs: Iterable[RunRecord]) -> None:
             run.outcomes, run.labels_sha = read_outcomes(Path(path))
 
 
-def context_of(run: RunRecord, ignore: Iterable[str]) -> str:
-    """A digest of the run's experiment params, less the seed and ``ignore``."""
+def setting_of(run: RunRecord, ignore: Iterable[str]) -> dict[str, str]:
+    """The run's experiment params, less the seed and ``ignore``: what must agree for runs to be compared."""
     ignore = set(ignore) | {"seed"}
-    values = {k: v for k, v in run.params.items() if is_experiment_key(k) and k not in ignore}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    return {k: v for k, v in run.params.items() if is_experiment_key(k) and k not in ignore}
+
+
+def context_of(run: RunRecord, ignore: Iterable[str]) -> str:
+    """A digest of ``setting_of(run, ignore)``."""
+    return hashlib.sha256(json.dumps(setting_of(run, ignore), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def by_context(runs: Iterable[RunRecord], ignore: Iterable[str]) -> dict[str, list[RunRecord]]:
