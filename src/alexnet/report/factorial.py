@@ -41,8 +41,10 @@ def _replicates(
     design: Design, runs: list[RunRecord]
 ) -> dict[str, tuple[list[tuple[RunRecord, str]], dict[int, dict[str, RunRecord]]]]:
     """Per context: its runs at a point of the design with their point (oldest first), and each seed's
-    finished run at each point (the newest wins)."""
+    finished run at each point (the newest wins). A seed whose only point is the paper arm's run, which
+    every replicate shares with the one-switch sweeps, has not started the design: it is left out."""
     points = {design.signs(i) for i in range(design.runs)}
+    paper_only = {"+" * len(design.factors)}
     ignore = frozenset().union(*(load_arm(f).keys for f in design.factors))
     found = {}
     for context, group in by_context(runs, ignore).items():
@@ -51,19 +53,18 @@ def _replicates(
         for run, point in members:
             if run.finished and run.seed is not None:
                 by_seed[run.seed][point] = run
+        by_seed = {seed: got for seed, got in by_seed.items() if set(got) != paper_only}
         found[context] = (members, by_seed)
     return found
 
 
 def progress(claim: Claim, runs: list[RunRecord]) -> list[str]:
-    """How far a design without a complete replicate has got: its finished points, per context and seed (a
-    seed whose only point is the paper arm's run, which every replicate shares, has not started)."""
+    """How far a design without a complete replicate has got: its finished points, per context and seed."""
     design = claim.design()
-    paper_only = {"+" * len(design.factors)}
     found = []
     for members, by_seed in _replicates(design, [r for r in runs if r.arch == claim.arch]).values():
         found += [f"{section_of(members[0][0])}, seed {seed}: {len(got)} of {design.runs} design points "
-                  "finished" for seed, got in sorted(by_seed.items()) if set(got) != paper_only]  # fmt: skip
+                  "finished" for seed, got in sorted(by_seed.items())]  # fmt: skip
     return found
 
 
