@@ -9,6 +9,7 @@ import math
 import re
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats as scipy_stats
 
-from alexnet.report import ROOT, make_report
+from alexnet.report import ROOT, main, make_report
 from alexnet.report.claims import load_arm, load_claims
 from alexnet.report.document import missing_command
 from alexnet.tracking import OUTCOMES_ARTIFACT, labels_digest
@@ -262,6 +263,34 @@ def test_unknown_experiment_is_explained(tmp_path: Path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "No experiment 'nope'" in proc.stderr and "+ablation=" in proc.stderr
+
+
+def test_a_page_made_again_later_reads_only_the_runs_started_before_its_time(tmp_path: Path, capsys):
+    """Runs keep arriving in a shared store: --started-before makes the same page again, and the page's
+    header names the option, so the command it shows is the one that remakes it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("growing", artifact_location=str(tmp_path / "artifacts"))
+    rng = np.random.default_rng(4)
+    for seed in (1, 2, 3):
+        log_run(client, exp, seed, BASE, errors_with(rng, 0.30))
+        log_run(client, exp, seed, {**BASE, "model.lrn": "False"}, errors_with(rng, 0.33))
+    cut = max(r.info.start_time for r in client.search_runs([exp])) + 1000  # ms
+    later = client.create_run(exp, start_time=cut + 1000, tags={"seed": "4"})  # a sweep that goes on
+    client.log_param(later.info.run_id, "seed", "4")
+    when = datetime.fromtimestamp(cut / 1000, timezone.utc).replace(microsecond=0)
+    stamp = f"{when:%Y-%m-%dT%H:%M:%S}"
+    page = tmp_path / "page.md"
+    args = ["growing", "--tracking-uri", uri, "--out", str(tmp_path / "out"), "--no-log", "--page", str(page)]
+    assert main([*args, "--started-before", stamp]) == 0
+    assert "6 runs read" in capsys.readouterr().out
+    text = page.read_text()
+    assert f"`python src/report.py growing --started-before {stamp}` at commit" in text
+    assert "6 training runs (6 finished)" in text and "None: every run finished." in text
+    assert main(args) == 0 and "7 runs read" in capsys.readouterr().out  # without it, the running run too
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--started-before", "yesterday"])
+    assert exit_.value.code == 2 and "'yesterday' is not a time" in capsys.readouterr().err
 
 
 def report_of(train_run, tmp_path: Path, experiment: str, *args: str) -> str:

@@ -64,6 +64,7 @@ def make_report(
     log_to_mlflow: bool = True,
     settings: Settings | None = None,
     page: Path | None = None,
+    started_before: datetime | None = None,
 ) -> tuple[list[Row], list[RunRecord]]:
     settings = settings or Settings()
     client = MlflowClient(tracking_uri)
@@ -75,7 +76,8 @@ def make_report(
             f"{names}). Run a sweep first, e.g. python src/train.py -m +ablation=lrn experiment=cpu (into "
             "'ablation_cpu')."
         )
-    runs = fetch_runs(client, exp.experiment_id, filter_string)
+    since = f"attributes.start_time < {round(started_before.timestamp() * 1000)}" if started_before else ""
+    runs = fetch_runs(client, exp.experiment_id, " and ".join(f for f in (filter_string, since) if f))
     if not runs:
         raise ReportError(
             f"Experiment {experiment!r} has no training runs: run an ablation sweep "
@@ -88,8 +90,13 @@ def make_report(
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(out, document.sections(rows), curves)
     title = f"AlexNet (2012) claims: measured vs reported - experiment {experiment}"
+    options = {"--filter": f'"{filter_string}"' if filter_string else None,
+               "--started-before": f"{started_before:%Y-%m-%dT%H:%M:%S}" if started_before else None,
+               "--min-seeds": settings.min_seeds if settings.min_seeds != Settings.min_seeds else None,
+               "--margin": settings.margin if settings.margin != Settings.margin else None}  # fmt: skip
+    rerun = " ".join([f"python src/report.py {experiment}"] + [f"{k} {v}" for k, v in options.items() if v])
     made_by = {
-        "report": f"`python src/report.py {experiment}` at commit `{git_commit(ROOT)[:12]}`, "
+        "report": f"`{rerun}` at commit `{git_commit(ROOT)[:12]}`, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, from {mask_secrets(tracking_uri)}",
         "machine": machine(),
     }
@@ -147,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=Settings.margin, help="points; default: %(default)s")
     parser.add_argument("--no-log", action="store_true", help="do not log a report run to MLflow")
     parser.add_argument("--page", type=Path, help="also write the Markdown, without plots, to this file")
+    parser.add_argument(
+        "--started-before", type=_utc_time, metavar="UTC", help="read only the runs started before this UTC "
+        "time, e.g. 2026-11-30T00:09: a page made again from a store that has grown since"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or ROOT / "reports" / args.experiment
     settings = Settings(min_seeds=args.min_seeds, margin=args.margin)
@@ -160,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_log,
             settings,
             args.page,
+            args.started_before,
         )
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)
@@ -167,3 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print((out / "report.md").read_text())
     print(f"\n{len(runs)} runs read. The report: {out / 'report.md'} (and report.html, with the plots)")
     return 0
+
+
+def _utc_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: write it as 2026-11-30T00:09") from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
