@@ -265,9 +265,10 @@ def test_unknown_experiment_is_explained(tmp_path: Path):
     assert "No experiment 'nope'" in proc.stderr and "+ablation=" in proc.stderr
 
 
-def test_a_page_made_again_later_reads_only_the_runs_started_before_its_time(tmp_path: Path, capsys):
-    """Runs keep arriving in a shared store: --started-before makes the same page again, and the page's
-    header names the option, so the command it shows is the one that remakes it."""
+def test_a_page_made_again_later_reads_only_the_runs_that_had_ended_by_its_time(tmp_path: Path, capsys):
+    """Runs keep arriving in a shared store: --ended-before makes the page as it stood at a time, without the
+    runs that ended later or are still going; the page's header names the option, so the command it shows
+    is the one that remakes it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("growing", artifact_location=str(tmp_path / "artifacts"))
@@ -275,21 +276,23 @@ def test_a_page_made_again_later_reads_only_the_runs_started_before_its_time(tmp
     for seed in (1, 2, 3):
         log_run(client, exp, seed, BASE, errors_with(rng, 0.30))
         log_run(client, exp, seed, {**BASE, "model.lrn": "False"}, errors_with(rng, 0.33))
-    cut = max(r.info.start_time for r in client.search_runs([exp])) + 1000  # ms
-    later = client.create_run(exp, start_time=cut + 1000, tags={"seed": "4"})  # a sweep that goes on
-    client.log_param(later.info.run_id, "seed", "4")
-    when = datetime.fromtimestamp(cut / 1000, timezone.utc).replace(microsecond=0)
-    stamp = f"{when:%Y-%m-%dT%H:%M:%S}"
+    cut = max(r.info.end_time for r in client.search_runs([exp])) + 1000  # ms
+    later = {}
+    for seed in (4, 5):  # begun before the cut: seed 4 ends after it, seed 5 is still going
+        later[seed] = client.create_run(exp, start_time=cut - 500, tags={"seed": str(seed)}).info.run_id
+        client.log_param(later[seed], "seed", str(seed))
+    client.set_terminated(later[4], "FINISHED", end_time=cut + 1000)
+    stamp = f"{datetime.fromtimestamp(cut / 1000, timezone.utc):%Y-%m-%dT%H:%M:%S}"
     page = tmp_path / "page.md"
     args = ["growing", "--tracking-uri", uri, "--out", str(tmp_path / "out"), "--no-log", "--page", str(page)]
-    assert main([*args, "--started-before", stamp]) == 0
+    assert main([*args, "--ended-before", stamp]) == 0
     assert "6 runs read" in capsys.readouterr().out
     text = page.read_text()
-    assert f"`python src/report.py growing --started-before {stamp}` at commit" in text
+    assert f"`python src/report.py growing --ended-before {stamp}` at commit" in text
     assert "6 training runs (6 finished)" in text and "None: every run finished." in text
-    assert main(args) == 0 and "7 runs read" in capsys.readouterr().out  # without it, the running run too
+    assert main(args) == 0 and "8 runs read" in capsys.readouterr().out  # without it: both later runs
     with pytest.raises(SystemExit) as exit_:
-        main([*args, "--started-before", "yesterday"])
+        main([*args, "--ended-before", "yesterday"])
     assert exit_.value.code == 2 and "'yesterday' is not a time" in capsys.readouterr().err
 
 

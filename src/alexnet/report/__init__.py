@@ -64,7 +64,7 @@ def make_report(
     log_to_mlflow: bool = True,
     settings: Settings | None = None,
     page: Path | None = None,
-    started_before: datetime | None = None,
+    ended_before: datetime | None = None,
 ) -> tuple[list[Row], list[RunRecord]]:
     settings = settings or Settings()
     client = MlflowClient(tracking_uri)
@@ -76,8 +76,9 @@ def make_report(
             f"{names}). Run a sweep first, e.g. python src/train.py -m +ablation=lrn experiment=cpu (into "
             "'ablation_cpu')."
         )
-    since = f"attributes.start_time < {round(started_before.timestamp() * 1000)}" if started_before else ""
-    runs = fetch_runs(client, exp.experiment_id, " and ".join(f for f in (filter_string, since) if f))
+    # A run still going has no end time, so the filter leaves it out: the runs as they stood at that time.
+    ended = f"attributes.end_time < {round(ended_before.timestamp() * 1000)}" if ended_before else ""
+    runs = fetch_runs(client, exp.experiment_id, " and ".join(f for f in (filter_string, ended) if f))
     if not runs:
         raise ReportError(
             f"Experiment {experiment!r} has no training runs: run an ablation sweep "
@@ -91,7 +92,7 @@ def make_report(
     plots = plot(out, document.sections(rows), curves)
     title = f"AlexNet (2012) claims: measured vs reported - experiment {experiment}"
     options = {"--filter": f'"{filter_string}"' if filter_string else None,
-               "--started-before": f"{started_before:%Y-%m-%dT%H:%M:%S}" if started_before else None,
+               "--ended-before": f"{ended_before:%Y-%m-%dT%H:%M:%S}" if ended_before else None,
                "--min-seeds": settings.min_seeds if settings.min_seeds != Settings.min_seeds else None,
                "--margin": settings.margin if settings.margin != Settings.margin else None}  # fmt: skip
     rerun = " ".join([f"python src/report.py {experiment}"] + [f"{k} {v}" for k, v in options.items() if v])
@@ -155,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="do not log a report run to MLflow")
     parser.add_argument("--page", type=Path, help="also write the Markdown, without plots, to this file")
     parser.add_argument(
-        "--started-before", type=_utc_time, metavar="UTC", help="read only the runs started before this UTC "
-        "time, e.g. 2026-11-30T00:09: a page made again from a store that has grown since"
+        "--ended-before", type=_utc_time, metavar="UTC", help="read only the runs that had ended (finished, "
+        "failed or killed) by this UTC time, e.g. 2026-11-30T00:09: the page as it stood then, made again "
+        "from a store that has grown since"
     )  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or ROOT / "reports" / args.experiment
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_log,
             settings,
             args.page,
-            args.started_before,
+            args.ended_before,
         )
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)
