@@ -24,8 +24,8 @@ from alexnet.report.runs import (
     RunRecord,
     by_context,
     command,
-    context_of,
     describe,
+    digest,
     latest_by_seed,
     setting_of,
 )
@@ -73,7 +73,7 @@ class Row:
 def section_of(paper_run: RunRecord, tune: tuple[str, ...] = ()) -> str:
     """A comparison's table: its scale, and the paper arm's config with every switch an arm flips left out,
     so that claims measured against the same paper runs share one table."""
-    return f"{describe(paper_run)} (config {context_of(paper_run, all_arm_keys() | set(tune))})"
+    return f"{describe(paper_run)} (config {digest(section_setting(paper_run, tune))})"
 
 
 def section_setting(paper_run: RunRecord, tune: tuple[str, ...] = ()) -> dict[str, str]:

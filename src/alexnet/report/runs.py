@@ -111,9 +111,13 @@ def setting_of(run: RunRecord, ignore: Iterable[str]) -> dict[str, str]:
     return {k: v for k, v in run.params.items() if is_experiment_key(k) and k not in ignore}
 
 
+def digest(setting: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def context_of(run: RunRecord, ignore: Iterable[str]) -> str:
     """A digest of ``setting_of(run, ignore)``."""
-    return hashlib.sha256(json.dumps(setting_of(run, ignore), sort_keys=True).encode()).hexdigest()[:8]
+    return digest(setting_of(run, ignore))
 
 
 def by_context(runs: Iterable[RunRecord], ignore: Iterable[str]) -> dict[str, list[RunRecord]]:
