@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import functools
 import time
 from typing import Any
 
@@ -28,6 +29,14 @@ from alexnet.config import OptimizerConfig, Schedule
 
 # The per-image test outcomes: (kind, views), each a boolean per test image.
 OUTCOMES = ("top1_1crop", "top5_1crop", "top1_10crop", "top5_10crop")
+
+
+def linear_anneal(step: int, warmup: int, total: int) -> float:
+    """The rate's multiplier at ``step`` (schedule=linear): up linearly over ``warmup`` steps, then down
+    linearly to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(total - warmup, 1))
 
 
 def _error_metrics(num_classes: int) -> MetricCollection:
@@ -132,6 +141,8 @@ class AlexNetModule(L.LightningModule):
                 param.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.recipe.schedule is Schedule.linear:
+            self.lr_schedulers().step()
         self._last_batch_end = time.perf_counter()
         self._epoch_images += len(batch[1])
 
@@ -208,7 +219,7 @@ class AlexNetModule(L.LightningModule):
         schedule = self.lr_schedulers()
         if self.recipe.schedule is Schedule.plateau:
             schedule.step(errors["val/top1_err"])
-        else:
+        elif self.recipe.schedule is Schedule.milestones:
             schedule.step()
         self.best_val_top1.update(errors["val/top1_err"])
         self.best_val_top5.update(errors["val/top5_err"])
@@ -316,9 +327,15 @@ class AlexNetModule(L.LightningModule):
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=r.drop_factor, patience=r.plateau_patience, min_lr=r.min_lr
             )
-        else:
+        elif r.schedule is Schedule.milestones:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 optimizer, list(r.milestones), gamma=r.drop_factor
+            )
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+            warmup = round(r.warmup_epochs * total / max(self.trainer.max_epochs, 1))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, functools.partial(linear_anneal, warmup=warmup, total=total)
             )
         return {
             "optimizer": optimizer,
@@ -326,4 +343,5 @@ class AlexNetModule(L.LightningModule):
         }
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        """Lightning's own step is skipped: ``on_validation_epoch_end`` steps the schedule."""
+        """Lightning's own step is skipped: ``on_validation_epoch_end`` steps an epoch's schedule and
+        ``on_train_batch_end`` a batch's (schedule=linear)."""
