@@ -12,9 +12,9 @@ for "never").
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-import functools
 import time
 from typing import Any
 
