@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats as scipy_stats
 
-from alexnet.report import ROOT, main, make_report
 from alexnet.report.claims import load_arm, load_claims
+from alexnet.report.cli import ROOT, main, make_report
 from alexnet.report.document import missing_command
 from alexnet.tracking import OUTCOMES_ARTIFACT, labels_digest
 

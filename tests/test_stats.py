@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as scipy_stats
+from statsmodels.stats.power import TTestPower
 
 from alexnet.report import stats
 
@@ -145,31 +145,76 @@ def test_verdicts_match_the_interval():
     assert (t.p_equiv < 0.05) == (est.low >= -0.5 and est.high <= 0.5)
 
 
-def test_holm_correction_across_rows():
-    """Holm on the p-values of every row: 14 rows, the smallest p times 14, the next times 13, ..."""
-    tests = [stats.Test(p_zero=p) for p in [0.001, 0.004, 0.03] + [0.5] * 11]
+def test_holm_runs_once_over_every_hypothesis_of_the_family():
+    """One family, one step-down: the p-values of all three tests of every row are ranked together (here 3
+    rows x 3 tests = 9 hypotheses, less the one a row without a paper number does not test), so no test
+    gets a family of its own and a budget of its own."""
+    tests = [stats.Test(p_zero=0.001, p_paper=0.2, p_equiv=0.9), stats.Test(p_zero=0.004, p_paper=0.5,
+             p_equiv=0.8), stats.Test(p_zero=0.01, p_equiv=0.01)]  # fmt: skip
     stats.adjust(tests)
-    adjusted = [t.adjusted["p_zero"] for t in tests]
-    assert adjusted[:3] == pytest.approx([0.014, 0.052, 0.36])
-    raw = stats.verdict(-1, {"p_zero": 0.03, "p_paper": math.nan, "p_equiv": 1.0}, None, -1, 4, 3)
-    held = stats.verdict(-1, {"p_zero": 0.36, "p_paper": math.nan, "p_equiv": 1.0}, None, -1, 4, 3)
-    assert (raw, held) == ("reproduced", "inconclusive")
+    assert tests[0].adjusted["p_zero"] == pytest.approx(0.001 * 8)
+    assert tests[1].adjusted["p_zero"] == pytest.approx(0.004 * 7)
+    assert tests[2].adjusted["p_zero"] == pytest.approx(0.01 * 6)  # tied with p_equiv: 6 and 5 left
+    assert tests[2].adjusted["p_equiv"] == pytest.approx(0.01 * 6)  # step-down keeps them monotone
+    assert "p_paper" not in tests[2].adjusted
 
 
-def test_minimum_detectable_effect_and_seeds_needed():
-    """MDE = (t_0.975 + t_0.80) * SE. Seeds: the runs' variance shrinks as 1 / seeds, the images' does not;
-    an effect below what the test set alone allows is never reachable."""
-    est = stats.Estimate(-0.5, 0.5, 4.0, 5, run_part=0.2, image_part=0.05)
-    assert stats.mde(est) == pytest.approx((scipy_stats.t.ppf(0.975, 4) + scipy_stats.t.ppf(0.8, 4)) * 0.5)
+def test_a_wrong_verdict_is_one_that_rejects_a_true_hypothesis():
+    """What the familywise rate counts: each verdict against the truth that would make it false."""
+    assert stats.wrong("reproduced", 0.0, -1.4, -1, 0.5) and not stats.wrong(
+        "reproduced", -0.1, -1.4, -1, 0.5
+    )
+    assert stats.wrong("opposite", -0.2, None, -1, 0.5) and not stats.wrong("opposite", 0.3, None, -1, 0.5)
+    assert stats.wrong("smaller than reported", -1.4, -1.4, -1, 0.5)
+    assert not stats.wrong("smaller than reported", -1.0, -1.4, -1, 0.5)
+    assert stats.wrong("no effect", 0.5, None, -1, 0.5) and not stats.wrong("no effect", 0.49, None, -1, 0.5)
+    assert stats.wrong("detected", 0.0, None, 0, 0.5) and not stats.wrong("inconclusive", 9.0, None, -1, 0.5)
+
+
+def test_power_is_the_noncentral_t_as_statsmodels_computes_it():
+    """Without a test-set part, a row of n seeds is a one-sample t test on n deltas: its MDE and the seeds
+    it needs are what statsmodels' TTestPower solves for."""
+    sigma, n = 1.2, 4
+    est = stats.Estimate(-0.5, sigma / math.sqrt(n), n - 1.0, n, run_part=sigma**2 / n)
+    power = TTestPower().power(effect_size=stats.mde(est) / sigma, nobs=n, alpha=0.05)
+    assert power == pytest.approx(0.80, abs=1e-6)
     needed = stats.seeds_needed(est, -1.4)
-    se = math.sqrt(0.2 * 5 / needed + 0.05)
-    df = 4.0 * (needed - 1) / 4
-    assert (scipy_stats.t.ppf(0.975, df) + scipy_stats.t.ppf(0.8, df)) * se <= 1.4
-    se_fewer = math.sqrt(0.2 * 5 / (needed - 1) + 0.05)
-    df_fewer = 4.0 * (needed - 2) / 4
-    assert (scipy_stats.t.ppf(0.975, df_fewer) + scipy_stats.t.ppf(0.8, df_fewer)) * se_fewer > 1.4
+    solved = TTestPower().solve_power(effect_size=1.4 / sigma, power=0.80, alpha=0.05)
+    assert needed == math.ceil(solved)
+
+
+def test_seeds_needed_is_never_below_the_minimum_and_the_test_set_can_make_it_unreachable():
+    est = stats.Estimate(-3.0, 0.2, 5.0, 6, run_part=0.03, image_part=0.01)
+    assert stats.seeds_needed(est, -3.0, least=3) == 3  # 2 would do, but no verdict comes from 2 seeds
+    est = stats.Estimate(-0.5, 0.5, 4.0, 5, run_part=0.2, image_part=0.05)
     assert stats.seeds_needed(est, -0.3) is None  # 2.8 * sqrt(0.05) = 0.63 > 0.3: the test set limits it
     assert stats.seeds_needed(est, None) is None
+
+
+def test_identical_arms_give_no_interval_and_no_verdict():
+    """Two arms with the same outcomes on every image of every seed have a standard error of rounding
+    (about 1e-17), and three equal per-seed deltas without images one of exactly 0: neither is noise."""
+    rng = np.random.default_rng(3)
+    same = (rng.random((3, 2000)) < 0.3).astype(float) * 100
+    est = stats.per_seed(same - same[::-1][::-1])
+    assert est.degenerate and not est.ok
+    assert math.isnan(stats.test(est, -1.4, 0.5).p_zero)
+    assert (
+        stats.verdict(est.mean, vars(stats.test(est, -1.4, 0.5)), -1.4, -1, est.noise_df, 3) == "inconclusive"
+    )
+    flat = stats.per_seed(np.array([[-1.0], [-1.0], [-1.0]]))
+    assert flat.degenerate and not flat.ok and math.isnan(stats.mde(flat))
+
+
+def test_an_effect_that_varies_by_seed_gets_its_own_wider_interval():
+    """per_seed: each effect's runs' variance comes from its own seeds, so one that varies from seed to seed
+    is wide and one that does not stays narrow (a pooled residual gives both the same width)."""
+    rng = np.random.default_rng(4)
+    steady = -2.0 + rng.normal(0, 0.1, (4, 1))
+    varying = -2.0 + rng.normal(0, 2.0, (4, 1))
+    a, b = stats.per_seed(steady), stats.per_seed(varying)
+    assert (a.df, b.df) == (3.0, 3.0)
+    assert b.half > 5 * a.half
 
 
 def test_pairing_gain_is_the_variance_ratio():

@@ -5,116 +5,20 @@
 - ``ratio``: Figure 1's speed ratio (alexnet.report.figure1).
 - ``factorial``: the main effects and interaction chains of a fractional factorial design.
 
-Every row then gets its p-values, its verdict before and after Holm's correction across the report, its
-minimum detectable effect and the seeds it would need (alexnet.report.stats).
+Every row then gets its p-values, its verdict before and after Holm's correction within its family, its
+minimum detectable effect and the seeds it would need (alexnet.report.rows.judge).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from alexnet.report import stats
-from alexnet.report.claims import PAPER_ARM, Claim, Measure, all_arm_keys, level_of, load_arm
-from alexnet.report.runs import (
-    RunRecord,
-    by_context,
-    command,
-    describe,
-    digest,
-    latest_by_seed,
-    setting_of,
-)
-
-
-@dataclass
-class Settings:
-    min_seeds: int = 3
-    margin: float = 0.5  # points of error: "no effect" means the interval lies within +-margin
-    ratio_margin: float = 1.25  # for a ratio: within [1/1.25, 1.25]
-
-
-@dataclass
-class Row:
-    claim: Claim
-    label: str  # what is measured
-    section: str  # the table it belongs to: its scale and the paper arm's config
-    context: str
-    estimate: stats.Estimate
-    reported: float | None
-    direction: int
-    unit: str  # "pp" (points of error) or "x" (a ratio; the estimate is its log)
-    runs: list[RunRecord]
-    command: str
-    not_finished: list[RunRecord] = field(default_factory=list)
-    setting: dict[str, str] = field(default_factory=dict)  # the paper arm's params that fix the section
-    notes: list[str] = field(default_factory=list)
-    per_seed: dict[int, float] = field(default_factory=dict)
-    compared: dict[int, tuple[float, float]] = field(default_factory=dict)  # per seed: both sides, in points
-    correlation: tuple[float, float] = (math.nan, math.nan)
-    test: stats.Test = field(default_factory=stats.Test)
-    verdict: str = "inconclusive"
-    adjusted_verdict: str = "inconclusive"
-    mde: float = math.nan
-    seeds_needed: int | None = None
-    undecidable: str | None = None  # why no verdict can be given, whatever the interval (a censored baseline)
-
-    @property
-    def key(self) -> str:
-        """A name for MLflow: the claim, the measure and the context."""
-        label = re.sub(r"[^A-Za-z0-9_-]+", "_", self.label).strip("_")
-        return f"{self.claim.name}.{label}.{self.context}"
-
-
-def section_of(paper_run: RunRecord, tune: tuple[str, ...] = ()) -> str:
-    """A comparison's table: its scale, and the paper arm's config with every switch an arm flips left out,
-    so that claims measured against the same paper runs share one table."""
-    return f"{describe(paper_run)} (config {digest(section_setting(paper_run, tune))})"
-
-
-def section_setting(paper_run: RunRecord, tune: tuple[str, ...] = ()) -> dict[str, str]:
-    """The params behind ``section_of``'s config digest."""
-    return setting_of(paper_run, all_arm_keys() | set(tune))
-
-
-def name_sections(rows: list[Row]) -> None:
-    """Tables whose headings would differ only in their config digest (the same scale, a schedule or rate
-    apart) name the keys in which their paper runs differ, so a reader can tell them apart."""
-    alike: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)  # scale -> heading -> setting
-    for row in rows:
-        alike[row.section.partition(" (config ")[0]][row.section] = row.setting
-    renamed = {}
-    for settings in alike.values():
-        keys = sorted({k for setting in settings.values() for k in setting})
-        differ = [k for k in keys if len({setting.get(k) for setting in settings.values()}) > 1]
-        for heading, setting in settings.items():
-            if differ:
-                named = ", ".join(f"{k}={setting.get(k, '-')}" for k in differ)
-                renamed[heading] = heading.replace(" (config ", f", {named} (config ", 1)
-    for row in rows:
-        row.section = renamed.get(row.section, row.section)
-
-
-OUTCOME_OF = {
-    "test/top1_err_1crop": "top1_1crop",
-    "test/top5_err_1crop": "top5_1crop",
-    "test/top1_err_10crop": "top1_10crop",
-    "test/top5_err_10crop": "top5_10crop",
-}
-
-
-def errors(runs: list[RunRecord], metrics: list[str]) -> tuple[np.ndarray, str]:
-    """(runs, images) errors in points for ``runs[i]`` on ``metrics[i]``, image by image when every run
-    kept its outcomes on the same test images; otherwise (runs, 1) of the logged error rates."""
-    pairs = list(zip(runs, metrics, strict=True))
-    same_images = len({r.labels_sha for r in runs}) == 1
-    if same_images and all(r.outcomes is not None and OUTCOME_OF.get(m) in r.outcomes for r, m in pairs):
-        return 100.0 * np.stack([1.0 - r.outcomes[OUTCOME_OF[m]] for r, m in pairs]), "seeds x images"
-    return 100.0 * np.array([[r.metrics[m]] for r, m in pairs]), "seeds only"
+from alexnet.report import factorial, figure1, stats
+from alexnet.report.claims import PAPER_ARM, Claim, Measure, level_of, load_arm
+from alexnet.report.rows import Row, Settings, errors, judge, name_sections, section_of, section_setting
+from alexnet.report.runs import RunRecord, by_context, command, latest_by_seed
 
 
 def paired(
@@ -131,10 +35,7 @@ def paired(
     y, method = errors(
         [first[s] for s in seeds] + [second[s] for s in seeds], [metrics[0]] * n + [metrics[1]] * n
     )
-    x = np.zeros((2 * n, n + 1))
-    x[:n, 0] = 1.0  # first's level
-    x[np.arange(2 * n), 1 + np.tile(np.arange(n), 2)] = 1.0  # the seed's block
-    est = stats.crossed(y, x, np.eye(n + 1)[0], seeds=n)
+    est = stats.per_seed(y[:n] - y[n:])  # the seeds as blocks: each seed's own delta, image by image
     est.method = method
     return est, per_seed, method
 
@@ -142,8 +43,6 @@ def paired(
 def analyse(
     claims: list[Claim], runs: list[RunRecord], settings: Settings, client=None
 ) -> tuple[list[Row], list]:
-    from alexnet.report import factorial  # it builds on this module's rows
-
     rows: list[Row] = []
     curves: list = []
     for claim in claims:
@@ -160,8 +59,6 @@ def analyse(
 
 def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) -> list[Row]:
     """One claim (against one of its arms) in every context that ran both arms."""
-    from alexnet.report import figure1
-
     rows = []
     ignore = (arm.keys if arm else frozenset()) | set(claim.tune)
     # views: the paper arm's runs alone; otherwise each run's level on the arm's own switches
@@ -181,6 +78,7 @@ def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) 
                 row = _delta_row(claim, measure, context, text, a, b)
             if len(claim.arms) > 1:
                 row.label += f" ({arm.name})"
+            row.primary = measure.metric == claim.primary
             row.setting = section_setting(a[0], claim.tune)
             row.not_finished = [r for r in group if not r.finished]
             rows.append(row)
@@ -241,29 +139,3 @@ def _label(measure: Measure) -> str:
     if measure.label:
         return measure.label
     return f"{measure.metric} vs {measure.baseline_metric}" if measure.baseline_metric else measure.metric
-
-
-def judge(rows: list[Row], settings: Settings) -> None:
-    """p-values, Holm's correction across every row of the report, verdicts, power."""
-    for row in rows:
-        ratio = row.unit == "x"
-        margin = math.log(settings.ratio_margin) if ratio else settings.margin
-        reported = None if row.reported is None else (math.log(row.reported) if ratio else row.reported)
-        row.test = stats.test(row.estimate, reported, margin)
-        row.mde = stats.mde(row.estimate)
-        row.seeds_needed = stats.seeds_needed(row.estimate, reported)
-    stats.adjust([row.test for row in rows])
-    for row in rows:
-        ratio = row.unit == "x"
-        reported = None if row.reported is None else (math.log(row.reported) if ratio else row.reported)
-        raw = {k: getattr(row.test, k) for k in ("p_zero", "p_paper", "p_equiv")}
-        adjusted = {k: row.test.adjusted.get(k, v) for k, v in raw.items()}
-        noise_df = row.estimate.noise_df
-        row.verdict = stats.verdict(
-            row.estimate.mean, raw, reported, row.direction, noise_df, settings.min_seeds
-        )
-        row.adjusted_verdict = stats.verdict(
-            row.estimate.mean, adjusted, reported, row.direction, noise_df, settings.min_seeds
-        )
-        if row.undecidable:
-            row.verdict = row.adjusted_verdict = "inconclusive"

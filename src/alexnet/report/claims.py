@@ -47,6 +47,7 @@ class Claim:
     reported_seeds: tuple[int, ...] = ()  # kind ratio: the seeds to run at the chosen setting
     sweep: str | None = None  # its conf/ablation/ file; None: the command names the arms
     against_overfitting: bool = False  # the paper's reason for the switch (section 4): the report checks it
+    primary: str = ""  # the metric whose rows are the claim's primary ones (conf/claims.yaml's primary:)
 
     @property
     def arm(self) -> str | None:
@@ -64,6 +65,7 @@ def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     claims = []
     for name, c in data["claims"].items():
+        c.setdefault("primary", data.get("primary"))
         if c["kind"] not in KINDS:
             raise ReportError(f"{path}: claims.{name}.kind={c['kind']!r}; use one of {', '.join(KINDS)}")
         arms = tuple(c.pop("arms", ())) or ((c.pop("arm"),) if "arm" in c else ())
@@ -76,6 +78,11 @@ def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
             raise ReportError(f"{path}: claims.{name} needs arm: <an arm of {ARMS_DIR}>")
         sweep = c.pop("sweep", name if (SWEEPS_DIR / f"{name}.yaml").is_file() else None)
         measures = tuple(Measure(**m) for m in c.pop("measures", []))
+        if c["primary"] not in {m.metric for m in measures}:
+            raise ReportError(
+                f"{path}: claims.{name}.primary={c['primary']!r} is not one of its measures' metrics "
+                f"({', '.join(m.metric for m in measures)}); name one, or set the file's primary:"
+            )
         tuples = {k: tuple(c.get(k, ())) for k in ("tune", "selection_seeds", "reported_seeds")}
         claims.append(Claim(name=name, measures=measures, arms=arms, sweep=sweep, **{**c, **tuples}))
     return claims

@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 from alexnet.report import factorial, stats
-from alexnet.report.analysis import Row, Settings
 from alexnet.report.claims import Claim, own_preset
 from alexnet.report.render import Bullets, Document, Image, Section, Table
+from alexnet.report.rows import Row, Settings
 from alexnet.report.runs import RunRecord, common_overrides
 
 METHOD = (

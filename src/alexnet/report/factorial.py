@@ -3,16 +3,17 @@ each main effect beside the paper's delta for its switch.
 
 A run is a point of the design when each factor's switches sit at the paper's level or at its arm's
 (alexnet.report.claims.arm_of's test, factor by factor); its seed is its replicate. Only complete
-replicates (every point of the design finished for that seed) enter, so the design stays orthogonal. The
-model, fitted image by image: a block per seed, the main effects, one column per alias chain. An effect is
-the mean at the paper's level minus the mean at the arm's level, in points of error (negative: the paper's
-choice is better), as for a one-switch delta.
+replicates (every point of the design finished for that seed) enter, so the design stays orthogonal. An
+effect is the mean at the paper's level minus the mean at the arm's level, in points of error (negative:
+the paper's choice is better), as for a one-switch delta.
 
-One replicate of a 16-run design fitted that way leaves one degree of freedom for the runs' noise: no
-interval. So with one replicate the chains are pooled into the error, as is usual for an unreplicated
-screening design, which leaves 8. In a resolution IV design no chain is aliased with a main effect, so the
-main effects lose no accuracy; a real interaction widens their intervals (the error errs on the safe side).
-A second seed separates the chains again.
+Each replicate measures every effect on its own, image by image, and an effect's interval comes from the
+spread of its replicates' own values (alexnet.report.stats.per_seed: seeds - 1 degrees of freedom), not
+from a residual pooled over the effects. A pooled residual is mostly seed x effect interactions, so an
+effect that varies more from seed to seed than the others would borrow their smaller noise: its interval
+would be too narrow (covering 80% of the time, not 95%, in benchmarks/statistics_coverage.py). The price
+is that one replicate gives no interval, and two give one degree of freedom; the noise table says how many
+replicates a row needs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 
 from alexnet.design import Design
 from alexnet.report import stats
-from alexnet.report.analysis import Row, Settings, errors, section_of, section_setting
 from alexnet.report.claims import PAPER_ARM, Claim, level_of, load_arm, load_claims
+from alexnet.report.rows import Row, Settings, errors, section_of, section_setting
 from alexnet.report.runs import RunRecord, by_context, command
 
 
@@ -112,40 +113,37 @@ def _effects(
 ) -> list[Row]:
     y, method = errors(ordered, [metric] * len(ordered))
     k = len(design.factors)
-    chains = design.interaction_chains if len(seeds) > 1 else []  # one replicate: pooled (the docstring)
-    blocks = np.kron(np.eye(len(seeds)), np.ones((design.runs, 1)))
-    mains = np.tile(design.matrix, (len(seeds), 1)).astype(float)
-    pairs = [mains[:, [c[0][0]]] * mains[:, [c[0][1]]] for c in chains]  # one column per chain
-    x = np.hstack([blocks, mains, *pairs])
-    base = len(seeds)
+    chains = design.interaction_chains if len(seeds) > 1 else []  # one replicate cannot tell them from noise
+    signs_ = np.asarray(design.matrix, dtype=float)
+    columns = [signs_[:, j] for j in range(k)] + [signs_[:, c[0][0]] * signs_[:, c[0][1]] for c in chains]
+    by_seed = y.reshape(len(seeds), design.runs, -1)  # (seeds, points, images)
     cmd = command(ordered, claim.sweep, seeds)
     out = []
-    for j in range(k + len(chains)):
-        contrast = np.zeros(x.shape[1])
-        contrast[base + j] = 2.0  # an effect: the mean at + minus the mean at -
-        est = stats.crossed(y, x, contrast, seeds=len(seeds))
+    for j, column in enumerate(columns):
+        # the mean at + minus the mean at -, in each replicate and on each image
+        theta = np.einsum("p,spi->si", column * 2.0 / design.runs, by_seed)
+        est = stats.per_seed(theta)
         est.method = method + (", design" if method else "")
         if j < k:
             reported, direction, title = _reported(design.factors[j], metric)
             label = f"main effect of {design.factors[j]} ({title}), {metric}"
         else:
-            reported, direction, label = (
-                None,
-                0,
-                f"interaction chain {design.chain_name(chains[j - k])}, {metric}",
-            )
+            reported, direction = None, 0
+            label = f"interaction chain {design.chain_name(chains[j - k])}, {metric}"
         row = Row(
             claim=claim, label=label, section=text, context=context, estimate=est, reported=reported,
             direction=direction, unit="pp", runs=ordered, command=cmd,
+            primary=j < k and metric == claim.primary,
+            per_seed={s: float(theta[i].mean()) for i, s in enumerate(seeds)},
         )  # fmt: skip
         if j < k:
             row.notes.append(
                 "a main effect: averaged over the other switches' levels, not at the paper's config"
             )
-            if not chains:
+            if len(seeds) == 1:
                 row.notes.append(
-                    f"one replicate: the {len(design.interaction_chains)} interaction chains are pooled into "
-                    "the error (their effects widen this interval if real); a second seed estimates them"
+                    "one replicate: an effect's interval comes from the spread of its replicates, so it "
+                    "needs a second seed of the design (and as many as the minimum seeds for a verdict)"
                 )
         out.append(row)
     if method == "seeds only":

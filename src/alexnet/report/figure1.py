@@ -22,8 +22,8 @@ import numpy as np
 from mlflow import MlflowClient
 
 from alexnet.report import stats
-from alexnet.report.analysis import Row
 from alexnet.report.claims import PAPER_ARM, Claim, Measure
+from alexnet.report.rows import Row
 from alexnet.report.runs import RunRecord, command
 
 

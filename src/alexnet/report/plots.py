@@ -7,8 +7,8 @@ import math
 import textwrap
 from pathlib import Path
 
-from alexnet.report.analysis import Row
 from alexnet.report.figure1 import Curves
+from alexnet.report.rows import Row
 
 
 def plot(out: Path, sections: dict[str, list[Row]], curves: list[Curves]) -> dict[str, str]:

@@ -33,11 +33,14 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 
 ALPHA = 0.05
 POWER = 0.80
+# A standard error this small against the data's own scale is rounding, not noise: two identical arms give
+# about 1e-17 points. No interval (and no verdict) comes from it.
+RELATIVE_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Estimate:
     # n - 1 and 1 for a pair of arms blocked by seed, 15 a seed for a 16-run design.
     run_df: float = math.nan
     df_per_seed: float = 1.0
+    scale: float = 1.0  # the data's own size (its largest value, in the effect's units): for ``ok``
 
     @property
     def noise_df(self) -> float:
@@ -73,8 +77,13 @@ class Estimate:
         return self.mean + self.half
 
     @property
+    def degenerate(self) -> bool:
+        """No noise at all: both sides gave the same results in every seed (and on every image)."""
+        return math.isfinite(self.se) and self.se <= RELATIVE_TOLERANCE * max(self.scale, 1.0)
+
+    @property
     def ok(self) -> bool:
-        return self.n > 0 and math.isfinite(self.se) and self.se > 0 and self.df > 0
+        return self.n > 0 and math.isfinite(self.se) and not self.degenerate and self.df > 0
 
 
 def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> Estimate:
@@ -82,21 +91,24 @@ def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> E
     ``contrast``: the effect as a combination of ``x``'s coefficients. One image (a run-level value only)
     gives the runs' part alone."""
     runs, images = y.shape
+    scale = float(np.abs(y).max()) if y.size else 1.0
     xtx_inv = np.linalg.inv(x.T @ x)
     coefficients = xtx_inv @ x.T @ y  # (p, images): the fit on each image alone
     theta = contrast @ coefficients  # the effect on each image
     mean = float(theta.mean())
     q = float(contrast @ xtx_inv @ contrast)
     df_res = runs - x.shape[1]
-    per_seed = runs / seeds - 1 if seeds else 1.0  # each seed adds its runs and one block
+    df_seed = runs / seeds - 1 if seeds else 1.0  # each seed adds its runs and one block
     if df_res <= 0:
         return Estimate(mean, math.nan, 0.0, seeds, method="no residual degrees of freedom: add seeds",
-                        run_df=float(df_res), df_per_seed=per_seed)  # fmt: skip
+                        run_df=float(df_res), df_per_seed=df_seed, scale=scale)  # fmt: skip
     run_means = y.mean(axis=1)
     residual = run_means - x @ (xtx_inv @ x.T @ run_means)
     a = q * float(residual @ residual) / df_res
     if images == 1:
-        return Estimate(mean, math.sqrt(a), float(df_res), seeds, a, 0.0, "runs only", df_res, per_seed)
+        return Estimate(
+            mean, math.sqrt(a), float(df_res), seeds, a, 0.0, "runs only", df_res, df_seed, scale
+        )
     b = float(theta.var(ddof=1)) / images
     cell = y - x @ coefficients
     s2_cells = float((cell * cell).sum()) / (df_res * images)  # estimates s2_run_noise + s2_e
@@ -106,7 +118,18 @@ def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> E
     # Satterthwaite: the degrees of freedom of a sum of mean squares.
     terms = a * a / df_res + b * b / (images - 1) + c * c / (df_res * (images - 1))
     df = var * var / terms if terms > 0 else math.inf
-    return Estimate(mean, math.sqrt(var), df, seeds, a, max(var - a, 0.0), "seeds x images", df_res, per_seed)
+    return Estimate(
+        mean, math.sqrt(var), df, seeds, a, max(var - a, 0.0), "seeds x images", df_res, df_seed, scale
+    )
+
+
+def per_seed(theta: np.ndarray) -> Estimate:
+    """An effect measured in each seed on its own: ``theta`` (seeds, images), the effect on each image
+    within each seed (or (seeds, 1) without images). Its runs' variance is the spread of the seeds' own
+    effects, with seeds - 1 degrees of freedom, however many runs each seed's effect averages: an effect
+    that varies from seed to seed widens its own interval and no other's."""
+    seeds = theta.shape[0]
+    return crossed(theta, np.ones((seeds, 1)), np.ones(1), seeds=seeds)
 
 
 def log_ratio_estimate(ratios: list[float]) -> Estimate:
@@ -116,7 +139,9 @@ def log_ratio_estimate(ratios: list[float]) -> Estimate:
     if n < 2:
         return Estimate(float(logs.mean()) if n else math.nan, math.nan, 0.0, n, method="seeds")
     var = float(logs.var(ddof=1)) / n
-    return Estimate(float(logs.mean()), math.sqrt(var), float(n - 1), n, var, 0.0, "seeds (log ratio)")
+    scale = float(np.abs(logs).max())
+    return Estimate(float(logs.mean()), math.sqrt(var), float(n - 1), n, var, 0.0, "seeds (log ratio)",
+                    scale=scale)  # fmt: skip
 
 
 @dataclass
@@ -181,18 +206,50 @@ def verdict(
     return "inconclusive"
 
 
+HYPOTHESES = ("p_zero", "p_paper", "p_equiv")
+
+
 def adjust(tests: list[Test], method: str = "holm") -> None:
-    """Correct each family of p-values (no effect, the paper's number, equivalence) across the rows, in
-    place, with Holm's step-down method (statsmodels): the chance of any false verdict in the report stays
-    at ALPHA, whatever the rows' dependence."""
-    for family in ("p_zero", "p_paper", "p_equiv"):
-        values = [getattr(t, family) for t in tests]
-        finite = [i for i, v in enumerate(values) if math.isfinite(v)]
-        if not finite:
-            continue
-        corrected = multipletests([values[i] for i in finite], alpha=ALPHA, method=method)[1]
-        for i, v in zip(finite, corrected, strict=True):
-            tests[i].adjusted[family] = float(v)
+    """Correct one family of rows, in place: every p-value of every row (no effect, the paper's number,
+    equivalence) in one Holm step-down (statsmodels). Each verdict rests on rejecting one of these
+    hypotheses, and a wrong verdict on rejecting a true one, so the chance of any wrong corrected verdict
+    in the family stays at ALPHA, whatever the rows' dependence and whichever test gave it."""
+    where = [(t, h) for t in tests for h in HYPOTHESES if math.isfinite(getattr(t, h))]
+    if not where:
+        return
+    corrected = multipletests([getattr(t, h) for t, h in where], alpha=ALPHA, method=method)[1]
+    for (t, h), value in zip(where, corrected, strict=True):
+        t.adjusted[h] = float(value)
+
+
+def wrong(verdict_: str, truth: float, reported: float | None, direction: int, margin: float) -> bool:
+    """Whether a verdict is false for the true effect ``truth``: what the familywise guarantee bounds (and
+    benchmarks/statistics_coverage.py counts)."""
+    on_side = truth * direction if direction else abs(truth)
+    if verdict_ == "reproduced":
+        return on_side <= 0
+    if verdict_ == "detected":
+        return truth == 0
+    if verdict_ == "opposite":
+        return on_side >= 0
+    if verdict_ == "no effect":
+        return abs(truth) >= margin
+    if verdict_ == "smaller than reported":
+        return reported is None or on_side >= abs(reported)
+    return False
+
+
+def power(effect: float, se: float, df: float) -> float:
+    """The chance that a two-sided t test at ALPHA calls ``effect`` non-zero, exactly: the noncentral t."""
+    if not (se > 0 and df > 0):
+        return math.nan
+    critical = stats.t.ppf(1 - ALPHA / 2, df)
+    shift = abs(effect) / se
+    upper = float(stats.nct.sf(critical, df, shift))
+    lower = float(stats.nct.cdf(-critical, df, shift))  # the wrong side: scipy gives nan where it is ~0
+    if not math.isfinite(upper):
+        upper = 1.0 - float(stats.nct.cdf(critical, df, shift))
+    return upper + (lower if math.isfinite(lower) else 0.0)
 
 
 def mde(est: Estimate) -> float:
@@ -200,22 +257,26 @@ def mde(est: Estimate) -> float:
     (two-sided, ALPHA), from its standard error and degrees of freedom."""
     if not est.ok:
         return math.nan
-    return float((stats.t.ppf(1 - ALPHA / 2, est.df) + stats.t.ppf(POWER, est.df)) * est.se)
+    top = 4.0 * est.se
+    while power(top, est.se, est.df) < POWER:  # 1 degree of freedom asks for about 30 standard errors
+        top *= 2
+    return float(optimize.brentq(lambda d: power(d, est.se, est.df) - POWER, 0.0, top, xtol=1e-9 * top))
 
 
-def seeds_needed(est: Estimate, effect: float | None, most: int = 1000) -> int | None:
-    """Seeds for 80% power to tell ``effect`` from no effect, from the variance measured so far: its runs'
-    part shrinks as 1 / seeds (and its degrees of freedom grow with them), its images' part does not.
-    None: nothing to detect, or not reachable by seeds (the test set's own noise is too large)."""
+def seeds_needed(est: Estimate, effect: float | None, least: int = 2, most: int = 1000) -> int | None:
+    """Seeds (replicates) for 80% power to tell ``effect`` from no effect, never fewer than ``least``, from
+    the variance measured so far: its runs' part shrinks as 1 / seeds (and its degrees of freedom grow with
+    them), its images' part does not. None: nothing to detect, or not reachable by seeds (the test set's
+    own noise is too large)."""
     if effect is None or not est.ok or est.noise_df < 1:
         return None
-    for seeds in range(1, most + 1):
+    for seeds in range(max(least, 1), most + 1):
         run_df = est.noise_df + est.df_per_seed * (seeds - est.n)
         if run_df < 1:
             continue
         df = max(1.0, est.df * run_df / est.noise_df)
         se = math.sqrt(est.run_part * est.n / seeds + est.image_part)
-        if (stats.t.ppf(1 - ALPHA / 2, df) + stats.t.ppf(POWER, df)) * se <= abs(effect):
+        if power(effect, se, df) >= POWER:
             return seeds
     return None
 
