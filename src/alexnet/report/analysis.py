@@ -78,7 +78,7 @@ def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) 
                 row = _delta_row(claim, measure, context, text, a, b)
             if len(claim.arms) > 1:
                 row.label += f" ({arm.name})"
-            row.primary = measure.metric == claim.primary
+            row.metric, row.primary = measure.metric, measure.metric == claim.primary
             row.setting = section_setting(a[0], claim.tune)
             row.not_finished = [r for r in group if not r.finished]
             rows.append(row)

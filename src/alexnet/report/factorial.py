@@ -133,7 +133,7 @@ def _effects(
         row = Row(
             claim=claim, label=label, section=text, context=context, estimate=est, reported=reported,
             direction=direction, unit="pp", runs=ordered, command=cmd,
-            primary=j < k and metric == claim.primary,
+            metric=metric, primary=j < k and metric == claim.primary,
             per_seed={s: float(theta[i].mean()) for i, s in enumerate(seeds)},
         )  # fmt: skip
         if j < k:

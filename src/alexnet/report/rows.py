@@ -52,6 +52,7 @@ class Row:
     mde: float = math.nan
     seeds_needed: int | None = None
     undecidable: str | None = None  # why no verdict can be given, whatever the interval (a censored baseline)
+    metric: str = ""  # the metric measured (the factorial's and Figure 1's too)
     primary: bool = False  # the claim's declared primary metric (conf/claims.yaml), not an interaction chain
 
     @property

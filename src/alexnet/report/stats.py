@@ -106,9 +106,7 @@ def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> E
     residual = run_means - x @ (xtx_inv @ x.T @ run_means)
     a = q * float(residual @ residual) / df_res
     if images == 1:
-        return Estimate(
-            mean, math.sqrt(a), float(df_res), seeds, a, 0.0, "runs only", df_res, df_seed, scale
-        )
+        return Estimate(mean, math.sqrt(a), float(df_res), seeds, a, 0.0, "runs only", df_res, df_seed, scale)
     b = float(theta.var(ddof=1)) / images
     cell = y - x @ coefficients
     s2_cells = float((cell * cell).sum()) / (df_res * images)  # estimates s2_run_noise + s2_e
