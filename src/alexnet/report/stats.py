@@ -127,7 +127,9 @@ def per_seed(theta: np.ndarray) -> Estimate:
     effects, with seeds - 1 degrees of freedom, however many runs each seed's effect averages: an effect
     that varies from seed to seed widens its own interval and no other's."""
     seeds = theta.shape[0]
-    return crossed(theta, np.ones((seeds, 1)), np.ones(1), seeds=seeds)
+    est = crossed(theta, np.ones((seeds, 1)), np.ones(1), seeds=seeds)
+    est.df_per_seed = 1.0  # each seed is one more value of the effect
+    return est
 
 
 def log_ratio_estimate(ratios: list[float]) -> Estimate:
