@@ -38,16 +38,19 @@ def header(settings: Settings) -> list:
         Bullets(rules),
         f"The margin for *no effect* is ±{settings.margin} points of error (a ratio within "
         f"[1/{settings.ratio_margin}, {settings.ratio_margin}]). A verdict other than *inconclusive* needs "
-        f"at least {settings.min_seeds} seeds (`--min-seeds`), or in a factorial design as many degrees of "
-        f"freedom for the runs' noise as {settings.min_seeds} seeds give a pair of arms "
-        f"({settings.min_seeds - 1}; one replicate of a 16-run design gives 8). **Holm** is the same rule "
-        "applied to p-values corrected with Holm's step-down method across every row of this report (the "
-        "tests against no effect, against the paper's number and of equivalence, each a family): the "
-        "chance that any corrected verdict is wrong stays at 5%.",
+        f"at least {settings.min_seeds} seeds (`--min-seeds`); in a factorial design, as many replicates, "
+        "since each effect's noise is measured from its own replicates. **Holm** is the same rule applied "
+        "to p-values corrected with Holm's step-down method within a family declared before the data: a "
+        "section's *primary* rows (each claim's primary metric, `primary:` in conf/claims.yaml) are one "
+        "family, its *secondary* rows (other metrics, interaction chains) another. All three tests of every "
+        "row of a family (against no effect, against the paper's number, of equivalence) are corrected "
+        "together, so the chance that any corrected verdict of a family is wrong stays at 5%, whichever "
+        "test gave it; runs of another protocol are another section and never change these verdicts.",
         "**Power.** *MDE*: the smallest true effect this row would call non-zero with 80% power at its "
-        "current seeds. *Seeds for 80%*: the seeds that would give 80% power to detect the paper's number, "
-        "from the noise measured so far (the seeds' part shrinks with more seeds; the test set's part does "
-        "not, so some effects cannot be reached by seeds alone: `-`). *Training for 80%*: the runs those "
+        "current seeds (the noncentral t). *Seeds for 80%*: the seeds (never fewer than the minimum) that "
+        "would give 80% power to detect the paper's number, from the noise measured so far (the seeds' part "
+        "shrinks with more seeds; the test set's part does not, so some effects cannot be reached by seeds "
+        "alone: `-`). *Training for 80%*: the runs those "
         "seeds take in all (both arms), and their time at the median wall time of this row's finished runs "
         "(MLflow's start to end: it includes time a run shared the machine, or waited to be resumed). Add "
         "seeds with `seed=4,5,...`: finished runs are skipped, only the new seeds train.",
@@ -89,6 +92,7 @@ def verdict_table(rows: list[Row]) -> Table:
         "claim",
         "§",
         "metric",
+        "family",
         "paper",
         "ours, mean [95% CI]",
         "n",
@@ -102,6 +106,7 @@ def verdict_table(rows: list[Row]) -> Table:
             row.claim.title,
             row.claim.section,
             row.label,
+            "primary" if row.primary else "secondary",
             _paper(row),
             _ours(row),
             _n(row),
