@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from alexnet.data import AlexNetDataModule, EpochShuffle, cached_stats, tensor_k
 from alexnet.images import decode_files
 from alexnet.model import AlexNet
 from alexnet.module import AlexNetModule
-from alexnet.presets import Draws, PixelStats, pca_color_offsets, random_crops, random_flips, ten_views
+from alexnet.presets import Draws, PixelStats, pca_color_offsets, ten_views
 from alexnet.seeding import generator
 
 
@@ -23,35 +24,6 @@ def random_images(n: int, size: int = 32) -> torch.Tensor:
     )
 
 
-def test_random_crops_are_windows_of_the_padded_image():
-    torch.manual_seed(0)
-    images = random_images(200)
-    crops = random_crops(images, 32, padding=4)
-    padded = torch.nn.functional.pad(images, [4] * 4)
-    offsets = []
-    for crop, canvas in zip(crops, padded, strict=True):
-        found = [
-            (top, left)
-            for top in range(9)
-            for left in range(9)
-            if torch.equal(canvas[:, top : top + 32, left : left + 32], crop)
-        ]
-        assert len(found) == 1
-        offsets.append(found[0])
-    tops, lefts = zip(*offsets, strict=True)
-    assert set(tops) == set(range(9)) and set(lefts) == set(range(9))  # every offset in bounds is used
-
-
-def test_flips_are_mirrors_half_the_time():
-    torch.manual_seed(0)
-    images = random_images(1000, size=8)
-    flipped = random_flips(images)
-    same = [torch.equal(a, b) for a, b in zip(images, flipped, strict=True)]
-    mirrored = [torch.equal(a.flip(-1), b) for a, b in zip(images, flipped, strict=True)]
-    assert all(s or m for s, m in zip(same, mirrored, strict=True))
-    assert 0.45 < sum(mirrored) / len(mirrored) < 0.55
-
-
 def module_for(**switches) -> AlexNetDataModule:
     cfg = DataConfig(
         dataset=Dataset.synthetic, val_size=16, synthetic_size=64, test_size=16, crop_padding=4, **switches
@@ -59,6 +31,55 @@ def module_for(**switches) -> AlexNetDataModule:
     dm = AlexNetDataModule(cfg)
     dm.setup()
     return dm
+
+
+def training_draws(dm: AlexNetDataModule, epoch: int = 0):
+    """The draws training uses, as ``on_after_batch_transfer`` takes them: from ``_next_draws``."""
+    dm.trainer = SimpleNamespace(current_epoch=epoch, global_rank=0, training=True, testing=False)
+    return dm._next_draws
+
+
+def test_training_crops_are_windows_of_the_padded_image():
+    """Every training input is one window of the zero-padded canvas, and every offset in bounds is used."""
+    dm = module_for(flips=False, pca_color=False)
+    dm.preset.stats = PixelStats(torch.zeros(3), torch.ones(3), torch.ones(3), torch.eye(3), 1)
+    images = random_images(200)
+    crops = dm.preset.train(images, training_draws(dm)(len(images))) * 255
+    padded = torch.nn.functional.pad(images, [4] * 4).float()
+    offsets = []
+    for crop, canvas in zip(crops, padded, strict=True):
+        found = [(top, left) for top in range(9) for left in range(9)
+                 if torch.allclose(canvas[:, top : top + 32, left : left + 32], crop, atol=1e-3)]  # fmt: skip
+        assert len(found) == 1
+        offsets.append(found[0])
+    tops, lefts = zip(*offsets, strict=True)
+    assert set(tops) == set(range(9)) and set(lefts) == set(range(9))
+
+
+def test_training_flips_are_mirrors_half_the_time():
+    dm = module_for(crops=False, pca_color=False)
+    draws = training_draws(dm)(1000)
+    images = random_images(1000, size=32)
+    flipped = dm.preset.train(images, draws)
+    plain = dm.preset.eval(images)
+    mirrored = [torch.equal(a.flip(-1), b) for a, b in zip(plain, flipped, strict=True)]
+    assert mirrored == draws.mirror.tolist()
+    assert 0.45 < sum(mirrored) / len(mirrored) < 0.55
+
+
+def test_the_draws_of_training_are_common_random_numbers_of_the_seed_and_epoch():
+    """Two runs of one seed (two arms) draw the same crops, mirrors and colour noise batch after batch; the
+    next batch, the next epoch and another seed draw anew."""
+    arm_a, arm_b = (training_draws(module_for()) for _ in range(2))
+    first, again = arm_a(64), arm_b(64)
+    assert all(torch.equal(getattr(first, k), getattr(again, k)) for k in ("top", "left", "mirror", "alphas"))
+    second = arm_a(64)
+    assert not torch.equal(first.alphas, second.alphas)
+    next_epoch = training_draws(module_for(), epoch=1)(64)
+    assert not torch.equal(first.alphas, next_epoch.alphas)
+    other = AlexNetDataModule(module_for().cfg, seed=1)
+    other.setup()
+    assert not torch.equal(first.alphas, training_draws(other)(64).alphas)
 
 
 def test_switches_off_training_sees_the_evaluation_image():

@@ -262,14 +262,32 @@ def test_a_study_is_not_continued_in_the_other_direction(tmp_path: Path):
         make_sweeper(tmp_path, lambda n, p: {}, direction="maximize").sweep([])
 
 
-def test_a_config_error_in_a_trial_stops_the_sweep_without_leaving_it_running(tmp_path: Path):
-    def job(number: int, params: dict) -> dict:
-        raise SystemExit("Config error: model.dropout=1.5 is not allowed")  # what train.py's main raises
+def test_a_mistake_in_one_trials_values_fails_that_trial_and_the_study_goes_on(tmp_path: Path):
+    """In a study, task.entry re-raises a person's mistake (a UserError) instead of exiting: the trial's own
+    sampled values may be what is wrong, so that trial fails with the reason and the others still run."""
+    from alexnet.errors import ConfigError
 
-    with pytest.raises(SystemExit):
+    def job(number: int, params: dict) -> dict:
+        if number == 0:
+            raise ConfigError("model.dropout=1.5 is not allowed")
+        return {"best/val_top1_err": 0.4}
+
+    make_sweeper(tmp_path, job, n_trials=3).sweep([])
+    first, *others = trials_of(tmp_path)
+    assert first.state == TrialState.FAIL and "model.dropout=1.5" in first.user_attrs["error"]
+    assert [t.state for t in others] == [TrialState.COMPLETE] * 2
+
+
+def test_a_sweep_stopped_from_outside_leaves_no_trial_running(tmp_path: Path):
+    """Ctrl-C, or a launcher that exits, stops the study; its trials are told FAIL, never left RUNNING."""
+
+    def job(number: int, params: dict) -> dict:
+        raise KeyboardInterrupt  # not an Exception: the launcher does not catch it, as Hydra's does not
+
+    with pytest.raises(KeyboardInterrupt):
         make_sweeper(tmp_path, job).sweep([])
     (trial,) = trials_of(tmp_path)
-    assert trial.state == TrialState.FAIL and "model.dropout=1.5" in trial.user_attrs["error"]
+    assert trial.state == TrialState.FAIL and "KeyboardInterrupt" in trial.user_attrs["error"]
 
 
 # --- Whole studies, as a user runs them ---------------------------------------------------------------------

@@ -27,10 +27,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from alexnet.config import OptimizerConfig, Schedule
 
-# The per-image test outcomes: (kind, views), each a boolean per test image.
-OUTCOMES = ("top1_1crop", "top5_1crop", "top1_10crop", "top5_10crop")
-
-
 def linear_anneal(step: int, warmup: int, total: int) -> float:
     """The rate's multiplier at ``step`` (schedule=linear): up linearly over ``warmup`` steps, then down
     linearly to 0 at ``total``."""

@@ -101,13 +101,6 @@ def crops(images: torch.Tensor, size: int, top: torch.Tensor, left: torch.Tensor
     return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def random_crops(images: torch.Tensor, size: int, padding: int = 0) -> torch.Tensor:
-    """An independent random window of each image (zero-padded by ``padding`` first), from the global RNG."""
-    padded = pad(images, padding)
-    draws = Draws.new(len(images), padded.shape[-1] - size + 1)
-    return crops(padded, size, draws.top.to(images.device), draws.left.to(images.device))
-
-
 def pad(images: torch.Tensor, padding: int) -> torch.Tensor:
     return torch.nn.functional.pad(images, [padding] * 4) if padding else images
 
@@ -121,11 +114,6 @@ def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 def mirrors(images: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
     """The images whose ``mirror`` flag is set, mirrored left-right."""
     return torch.where(mirror.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-def random_flips(images: torch.Tensor) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2, from the global RNG."""
-    return mirrors(images, torch.rand(images.shape[0], device=images.device) < 0.5)
 
 
 def ten_views(images: torch.Tensor, size: int) -> torch.Tensor:

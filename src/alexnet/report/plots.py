@@ -65,7 +65,3 @@ def plot(out: Path, sections: dict[str, list[Row]], curves: list[Curves]) -> dic
         plt.close(fig)
         files.setdefault(text, []).append(name)
     return files
-
-
-def finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)
