@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from alexnet.config import OptimizerConfig, Schedule
 
+
 def linear_anneal(step: int, warmup: int, total: int) -> float:
     """The rate's multiplier at ``step`` (schedule=linear): up linearly over ``warmup`` steps, then down
     linearly to 0 at ``total``."""

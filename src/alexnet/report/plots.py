@@ -3,7 +3,6 @@ training-error curves."""
 
 from __future__ import annotations
 
-import math
 import textwrap
 from pathlib import Path
 
