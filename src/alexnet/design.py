@@ -6,7 +6,8 @@ design sets every factor to the paper's level (+) or the arm's (-). The default 
 resolution IV (generators E = ABC, F = BCD, G = ACD: the 16-run 7-factor design of Box, Hunter & Hunter,
 "Statistics for Experimenters", 2nd ed., table 6.14): no main effect is aliased with another main effect or
 with a two-factor interaction, and the 21 two-factor interactions fall into 7 alias chains of three.
-pyDOE builds the design matrix from the generators; this module reads off its resolution and alias chains.
+pyDOE builds the design matrix from the generators and its alias groups (`fracfact_aliasing`); this module
+reads off the resolution and the two-factor alias chains.
 
 Why a factorial: a main effect is the mean of the 8 runs at one level minus the mean of the 8 at the
 other, so from N runs it has variance 4 sigma^2 / N, where a one-switch-at-a-time delta from the same N runs
@@ -16,14 +17,13 @@ the other switches' levels, where a one-switch sweep compares against the paper'
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pydoe import fracfact
+from pydoe import fracfact, fracfact_aliasing
 
 from alexnet.errors import ConfigError, require
 
@@ -62,27 +62,32 @@ class Design:
         return "".join("+" if v > 0 else "-" for v in self.matrix[run])
 
     @cached_property
-    def resolution(self) -> int:
-        """The length of the shortest word of the defining relation: the smallest set of factors whose
-        product column is constant."""
-        k = len(self.factors)
-        for size in range(1, k + 1):
-            for subset in itertools.combinations(range(k), size):
-                product = self.matrix[:, subset].prod(axis=1)
-                if abs(product.sum()) == self.runs:
-                    return size
-        return k + 1  # a full factorial
+    def aliases(self) -> list[tuple[tuple[int, ...], ...]]:
+        """pyDOE's alias groups (``fracfact_aliasing``): the effects that share one column of the design,
+        each effect as its factors' indices, shortest first."""
+        groups, _ = fracfact_aliasing(self.matrix)
+        return [tuple(sorted((tuple(ord(c) - ord("a") for c in w) for w in g.split(" = ")), key=len))
+                for g in groups]  # fmt: skip
 
     @cached_property
+    def defining_relation(self) -> tuple[tuple[int, ...], ...]:
+        """The words whose product column is constant (the identity's alias group); none: a full factorial."""
+        constant = [
+            g for g in self.aliases if abs(self.matrix[:, list(g[0])].prod(axis=1).sum()) == self.runs
+        ]
+        return constant[0] if constant else ()
+
+    @property
+    def resolution(self) -> int:
+        """The length of the shortest word of the defining relation."""
+        return len(self.defining_relation[0]) if self.defining_relation else len(self.factors) + 1
+
+    @property
     def interaction_chains(self) -> list[tuple[tuple[int, int], ...]]:
-        """The two-factor interactions grouped by the column they share (up to sign): each group is one
-        estimable contrast, the sum of its members."""
-        chains: dict[bytes, list[tuple[int, int]]] = {}
-        for i, j in itertools.combinations(range(len(self.factors)), 2):
-            column = self.matrix[:, i] * self.matrix[:, j]
-            chains.setdefault((column * column[0]).tobytes(), []).append((i, j))
-        mains = {(self.matrix[:, i] * self.matrix[0, i]).tobytes() for i in range(len(self.factors))}
-        return [tuple(pairs) for key, pairs in chains.items() if key not in mains]
+        """The two-factor interactions that share a column (each group one estimable contrast, the sum of its
+        members), where no main effect shares it."""
+        return [tuple(w for w in g if len(w) == 2) for g in self.aliases
+                if len(g[0]) == 2 and g != self.defining_relation]  # fmt: skip
 
     def chain_name(self, chain: tuple[tuple[int, int], ...]) -> str:
         return " = ".join(f"{self.factors[i]} x {self.factors[j]}" for i, j in chain)
