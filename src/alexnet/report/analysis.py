@@ -40,9 +40,7 @@ def paired(
     return est, per_seed, method
 
 
-def analyse(
-    claims: list[Claim], runs: list[RunRecord], settings: Settings, client=None
-) -> tuple[list[Row], list]:
+def analyse(claims: list[Claim], runs: list[RunRecord], settings: Settings) -> tuple[list[Row], list]:
     rows: list[Row] = []
     curves: list = []
     for claim in claims:
@@ -51,13 +49,13 @@ def analyse(
             rows += factorial.rows(claim, mine, settings)
             continue
         for arm in [load_arm(name) for name in claim.arms] or [None]:
-            rows += _claim_rows(claim, arm, mine, client, curves)
+            rows += _claim_rows(claim, arm, mine, curves)
     name_sections(rows)
     judge(rows, settings)
     return rows, curves
 
 
-def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) -> list[Row]:
+def _claim_rows(claim: Claim, arm, mine: list[RunRecord], curves: list) -> list[Row]:
     """One claim (against one of its arms) in every context that ran both arms."""
     rows = []
     ignore = (arm.keys if arm else frozenset()) | set(claim.tune)
@@ -72,7 +70,7 @@ def _claim_rows(claim: Claim, arm, mine: list[RunRecord], client, curves: list) 
         text = section_of(a[0], claim.tune)
         for measure in claim.measures:
             if claim.kind == "ratio":
-                row, fig = figure1.ratio_row(claim, measure, context, text, a, b, client)
+                row, fig = figure1.ratio_row(claim, measure, context, text, a, b)
                 curves += [fig] if fig is not None else []
             else:
                 row = _delta_row(claim, measure, context, text, a, b)

@@ -19,7 +19,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from mlflow import MlflowClient
 
 from alexnet.report import stats
 from alexnet.report.claims import PAPER_ARM, Claim, Measure
@@ -140,8 +139,7 @@ def second_stage(claim: Claim, arm: str, runs: list[RunRecord]) -> str | None:
 
 
 def ratio_row(
-    claim: Claim, measure: Measure, context: str, text: str, a: list[RunRecord], b: list[RunRecord],
-    client: MlflowClient | None,
+    claim: Claim, measure: Measure, context: str, text: str, a: list[RunRecord], b: list[RunRecord]
 ) -> tuple[Row, Curves | None]:  # fmt: skip
     notes, chosen = [], {}
     for name, runs in ((PAPER_ARM, a), (claim.arm, b)):
@@ -171,11 +169,11 @@ def ratio_row(
         command=command(first, claim.sweep, sorted({r.seed for r in first if r.seed is not None})),
         notes=notes, undecidable=undecidable,
     )  # fmt: skip
-    if client is None or not seeds:
+    if not seeds:
         return row, None
     target = float(chosen[PAPER_ARM][seeds[0]].params.get("target_train_error", "0.25"))
     curves = {
-        _label(name, chosen[name][seeds[0]], claim.tune): [_curve(client, chosen[name][s]) for s in seeds]
+        _label(name, chosen[name][seeds[0]], claim.tune): [_curve(chosen[name][s]) for s in seeds]
         for name in (PAPER_ARM, claim.arm)
     }
     return row, Curves(context, curves, target)
@@ -186,9 +184,8 @@ def _label(arm: str, run: RunRecord, tune: tuple[str, ...]) -> str:
     return f"{arm} arm: {run.params.get('model.activation', '?')}, {setting}"
 
 
-def _curve(client: MlflowClient, run: RunRecord) -> list[tuple[int, float]]:
-    # train/top1_err is logged once per epoch with step = the global step; its position is the epoch. The
-    # curve starts at chance error at epoch 0, as the time-to-target interpolation does.
-    history = sorted(client.get_metric_history(run.run_id, "train/top1_err"), key=lambda m: m.step)
+def _curve(run: RunRecord) -> list[tuple[int, float]]:
+    # train/top1_err is logged once per epoch (run.history keeps it in step order); its position is the
+    # epoch. The curve starts at chance error at epoch 0, as the time-to-target interpolation does.
     chance = 1.0 - 1.0 / int(run.params.get("model.num_classes", "10"))
-    return [(0, chance)] + [(i + 1, m.value) for i, m in enumerate(history)]
+    return [(0, chance)] + [(i + 1, value) for i, value in enumerate(run.history.get("train/top1_err", []))]

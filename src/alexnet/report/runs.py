@@ -14,13 +14,17 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
 
+from alexnet.errors import ReportError
 from alexnet.identity import is_experiment_key
+from alexnet.redaction import mask_secrets
 from alexnet.report.claims import arm_of
 from alexnet.tracking import OUTCOMES_ARTIFACT, SWEEP_TAG, read_outcomes
 
@@ -31,6 +35,8 @@ _NOT_TRAINING = (REPORT_TAG, SWEEP_TAG, "optuna.summary")
 _CONTEXT_SUMMARY = ("model.arch", "data.dataset", "model.width", "data.train_size", "trainer.max_epochs")
 # Per-run keys of a command line: what a sweep varies from job to job.
 _JOB_KEYS = ("seed", "arm", "design.run", "hydra.job.num")
+# The per-epoch metrics a report reads (Figure 1's curves, take-off epochs), in step order.
+HISTORY = ("train/top1_err", "val/top1_err")
 
 
 @dataclass
@@ -47,6 +53,8 @@ class RunRecord:
     arm: str | None = None  # from its switches: alexnet.report.claims.arm_of
     outcomes: dict[str, np.ndarray] | None = field(default=None, repr=False)
     labels_sha: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict, repr=False)  # HISTORY, in step order
+    outcomes_error: str | None = None  # why a finished run's outcomes could not be read
 
     @property
     def finished(self) -> bool:
@@ -62,47 +70,111 @@ class RunRecord:
         return self.tags.get("error", "still running, or killed before it could record why")
 
 
-def _record(run: Run) -> RunRecord:
-    tags, params = run.data.tags, dict(run.data.params)
+def new_record(
+    run_id: str, name: str, status: str, start: int, end: int | None, params: dict[str, str],
+    metrics: dict[str, float], tags: dict[str, str], history: dict[str, list[float]] | None = None,
+) -> RunRecord:  # fmt: skip
+    """A run as the report reads it, from MLflow or from a bundle: its seed and arm follow from the rest."""
     seed = tags.get("seed", params.get("seed"))
     return RunRecord(
-        run_id=run.info.run_id,
-        name=run.info.run_name or run.info.run_id,
-        status=run.info.status,
+        run_id=run_id, name=name, status=status,
         seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
-        start=run.info.start_time or 0,
-        end=run.info.end_time,
-        params=params,
-        metrics=dict(run.data.metrics),
-        tags=dict(tags),
-        arm=arm_of(params),
-    )
+        start=start, end=end, params=params, metrics=metrics, tags=tags, arm=arm_of(params),
+        history=history or {},
+    )  # fmt: skip
+
+
+def _record(client: MlflowClient, run: Run) -> RunRecord:
+    metrics = dict(run.data.metrics)
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        for key in HISTORY
+        if key in metrics
+    }
+    return new_record(
+        run.info.run_id, run.info.run_name or run.info.run_id, run.info.status, run.info.start_time or 0,
+        run.info.end_time, dict(run.data.params), metrics, dict(run.data.tags), history,
+    )  # fmt: skip
+
+
+def oldest_first(runs: Iterable[RunRecord]) -> list[RunRecord]:
+    """By start time, then run id: the same order from a store and from a bundle, ties included."""
+    return sorted(runs, key=lambda r: (r.start, r.run_id))
+
+
+def search_filter(filter_string: str, ended_before: datetime | None) -> str:
+    """``filter_string``, and given a time, only the runs that had ended by then: a run still going has no
+    end time, so the filter leaves it out (the runs as they stood at that time)."""
+    ended = f"attributes.end_time < {round(ended_before.timestamp() * 1000)}" if ended_before else ""
+    return " and ".join(f for f in (filter_string, ended) if f)
+
+
+def find_experiment(client: MlflowClient, experiment: str) -> str:
+    """The id of ``experiment`` in the client's store, or a one-line error that lists what it has."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ReportError(
+            f"No experiment {experiment!r} in the tracking store {mask_secrets(client.tracking_uri)} (it "
+            f"has: {names}). Run a sweep first, e.g. python src/train.py -m +ablation=lrn experiment=cpu "
+            "(into 'ablation_cpu')."
+        )
+    return exp.experiment_id
 
 
 def fetch_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[RunRecord]:
-    """Every training run of the experiment, whatever its status, oldest first."""
+    """Every training run of the experiment, whatever its status, oldest first, with its HISTORY."""
     runs, token = [], None
     while True:
-        page = client.search_runs(
-            [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
-        )
-        runs += [_record(r) for r in page if not any(t in r.data.tags for t in _NOT_TRAINING)]
+        try:
+            page = client.search_runs(
+                [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
+        except MlflowException as err:  # most often a malformed filter
+            raise ReportError(
+                f"Cannot search the runs (filter {filter_string!r}): {first_line(err)}"
+            ) from None
+        runs += [_record(client, r) for r in page if not any(t in r.data.tags for t in _NOT_TRAINING)]
         token = page.token
         if not token:
-            return sorted(runs, key=lambda r: r.start)
+            return oldest_first(runs)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one line for a person, passwords in URLs masked."""
+    text = mask_secrets(str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_outcomes(client: MlflowClient, runs: Iterable[RunRecord]) -> None:
-    """Each finished run's per-image test outcomes, where it has them."""
+    """Each finished run's per-image test outcomes. A run that never kept them (made before they were)
+    has none; one whose file cannot be listed, downloaded or read gets ``outcomes_error`` (never silently
+    demoted to its seeds: ``check_outcomes``)."""
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             if run.outcomes is not None or not run.finished:
                 continue
             try:
+                if OUTCOMES_ARTIFACT not in {a.path for a in client.list_artifacts(run.run_id)}:
+                    continue
                 path = client.download_artifacts(run.run_id, OUTCOMES_ARTIFACT, tmp)
-            except Exception:  # noqa: BLE001 - a run from before outcomes were kept: seeds only
-                continue
-            run.outcomes, run.labels_sha = read_outcomes(Path(path))
+                run.outcomes, run.labels_sha = read_outcomes(Path(path))
+            except Exception as err:  # noqa: BLE001 - whatever failed, the run is named (check_outcomes)
+                run.outcomes_error = f"{type(err).__name__}: {first_line(err)}"
+
+
+def check_outcomes(runs: Iterable[RunRecord], allow_seeds_only: bool) -> None:
+    """A finished run whose outcomes cannot be read stops the report, unless the user lets its rows fall
+    back to the seeds' noise alone (``--allow-seeds-only``)."""
+    bad = [r for r in runs if r.outcomes_error]
+    if bad and not allow_seeds_only:
+        more = f" (and {len(bad) - 1} more run(s))" if len(bad) > 1 else ""
+        raise ReportError(
+            f"Run {bad[0].name} ({bad[0].run_id}) finished but its per-image test outcomes "
+            f"({OUTCOMES_ARTIFACT}) cannot be read: {bad[0].outcomes_error}{more}. Fix the artifact store "
+            "(or export the bundle again), or pass --allow-seeds-only to compare such runs on their seeds "
+            "alone."
+        )
 
 
 def setting_of(run: RunRecord, ignore: Iterable[str]) -> dict[str, str]:
