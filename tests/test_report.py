@@ -659,3 +659,22 @@ def test_tables_at_one_scale_name_the_keys_their_configs_differ_in(tmp_path: Pat
         (heading,) = [h for h in headings if f"optimizer.plateau_patience={patience} (config " in h]
         assert heading.startswith("arch=alexnet, dataset=cifar10, width=0.25")
         assert f"## Runs with {heading}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_take_off_says_when_each_arm_started_to_learn():
+    """The first epoch with training error below 70%, per seed and arm, from the runs' histories; a note
+    warns where the arms differ (part of the delta is then how fast each got going)."""
+    from alexnet.report.analysis import take_off
+    from alexnet.report.runs import new_record
+
+    def run(curve):
+        return new_record("id", "r", "FINISHED", 0, 1, {}, {}, {}, {"train/top1_err": curve})
+
+    paper = {1: run([0.78, 0.61, 0.5]), 2: run([0.79, 0.6, 0.5])}
+    same = {1: run([0.8, 0.65]), 2: run([0.8, 0.69])}
+    late = {1: run([0.85, 0.8, 0.66]), 2: run([0.8, 0.69])}
+    (note,) = take_off(paper, same, [1, 2])
+    assert "seed 1: 2 and 2, seed 2: 2 and 2" in note and "differ" not in note
+    (note,) = take_off(paper, late, [1, 2])
+    assert "seed 1: 2 and 3" in note and "how fast each arm got going" in note
+    assert take_off({1: run([])}, {1: run([])}, [1]) == []

@@ -109,7 +109,31 @@ def _delta_row(
         row.correlation = stats.pairing_gain(*({s: v[i] for s, v in row.compared.items()} for i in (0, 1)))
     if claim.against_overfitting and measure.metric == TEST_ERROR:
         row.notes += overfitting([second[s] for s in per_seed])
+    if claim.kind != "views" and measure.metric == TEST_ERROR:
+        row.notes += take_off(first, second, list(per_seed))
     return row
+
+
+TAKE_OFF = 0.70  # training error (in training mode) below which a run has started to learn: chance is 0.90
+
+
+def take_off_epoch(run: RunRecord) -> int | None:
+    """The first epoch whose training error is below TAKE_OFF (None: never, or no history)."""
+    curve = run.history.get("train/top1_err", [])
+    return next((epoch for epoch, error in enumerate(curve, 1) if error < TAKE_OFF), None)
+
+
+def take_off(first: dict[int, RunRecord], second: dict[int, RunRecord], seeds: list[int]) -> list[str]:
+    """When each arm started to learn, seed by seed. Where the arms differ, part of the delta is how fast
+    each got going rather than where it ended (why the annealed protocol warms up: docs/protocol.md)."""
+    epochs = {s: (take_off_epoch(first[s]), take_off_epoch(second[s])) for s in seeds}
+    if not epochs or all(a is None and b is None for a, b in epochs.values()):
+        return []
+    shown = ", ".join(f"seed {s}: {a or '-'} and {b or '-'}" for s, (a, b) in epochs.items())
+    said = f"take-off (first epoch with training error below {TAKE_OFF:.0%}), paper arm and other: {shown}"
+    if any(a != b for a, b in epochs.values()):
+        return [said + "; where they differ, part of the delta is how fast each arm got going"]
+    return [said]
 
 
 TRAIN_ERROR = "final/train_top1_err"  # the last epoch's, in training mode (augmented, dropout where on)
