@@ -114,12 +114,13 @@ def test_the_factorial_design_is_resolution_iv_over_the_binary_switches():
 
 
 def test_figure1_cpu_scale_keeps_an_epochs_steps_on_a_quarter_of_the_images(tmp_path: Path):
-    """experiment=cpu_figure1 is experiment=cpu with fewer images in smaller batches, and nothing else: an
-    epoch (what Figure 1 counts) is about as many SGD steps, on under a quarter of the images."""
+    """experiment=cpu_figure1 is experiment=cpu_p10 (a fixed rate: no annealing) with fewer images in smaller
+    batches, and nothing else: an epoch (what Figure 1 counts) is about as many SGD steps, on under a quarter
+    of the images."""
     cpu, small = (
         flatten(compose_sweep("+ablation=figure1", f"experiment={preset}", f"paths.data_dir={tmp_path}",
                               "arm=tanh", hydra=False))
-        for preset in ("cpu", "cpu_figure1")
+        for preset in ("cpu_p10", "cpu_figure1")
     )  # fmt: skip
     assert {k for k in cpu.keys() | small.keys() if cpu.get(k) != small.get(k)} == {
         "data.train_size", "data.batch_size"
