@@ -58,7 +58,8 @@ def test_paired_case_equals_the_two_way_anova_formula():
 def test_intervals_cover_the_true_effect_on_simulated_runs(arm_seed_sd: float, arm_image_sd: float):
     """300 simulated studies of 4 seeds x 2,000 images: the 95% interval covers the true difference of
     expected errors about 95% of the time and its standard error matches the spread of the estimates, with
-    much or little seed noise in the delta (common random numbers leave little)."""
+    much or little seed noise in the delta (common random numbers leave little). With little, the interval
+    errs on the safe side: its t has the seeds' few degrees of freedom (docs/statistics.md says why)."""
     rng = np.random.default_rng(1)
     x, contrast = paired_design(4)
     truth = _true_delta(0.25, arm_seed_sd, arm_image_sd)
@@ -69,7 +70,7 @@ def test_intervals_cover_the_true_effect_on_simulated_runs(arm_seed_sd: float, a
         covered += est.low <= truth <= est.high
         means.append(est.mean)
         ses.append(est.se)
-    assert 0.91 <= covered / 300 <= 0.99
+    assert covered / 300 >= 0.93  # with little seed noise, above 0.95: the t of seeds - 1 is conservative
     assert np.sqrt(np.mean(np.square(ses))) == pytest.approx(np.std(means), rel=0.15)
 
 
