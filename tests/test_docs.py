@@ -3,6 +3,7 @@ guide of about 15 KB whose links resolve."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -69,9 +70,10 @@ def test_the_readme_is_a_guide_whose_links_resolve():
 
 @pytest.mark.parametrize("doc", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
 def test_doc_links_resolve(doc: Path):
+    """Relative to the file they are in, as a reader's browser resolves them."""
     for target in re.findall(r"\]\(([^)#]+)\)", doc.read_text()):
         if not target.startswith("http"):
-            assert (doc.parent / target).exists() or (ROOT / target).exists(), f"{doc.name} links to {target}"
+            assert (doc.parent / target).exists(), f"{doc.name} links to {target}, not a file beside it"
 
 
 def test_the_results_page_names_the_command_and_n_of_every_row():
@@ -115,3 +117,32 @@ def test_the_readme_results_are_the_pages():
         _, _, ours, verdict, holm = [c.strip() for c in line.strip().strip("|").split("|")]
         verdicts = f"| **{verdict}** | **{holm}** |"
         assert any(f"| {ours} |" in row and verdicts in row for row in page_rows), line
+
+
+# The prose that reports results: each of its numbers is checked against the page it comes from.
+RESULT_PROSE = {"README.md": "## What the CPU scale found", "docs/protocol.md": "## The annealed protocol"}
+
+
+def section_of(path: str, heading: str) -> str:
+    text = (ROOT / path).read_text()
+    assert heading in text, f"{path} has no section {heading!r}"
+    return text.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("path", sorted(RESULT_PROSE))
+def test_every_result_number_in_the_prose_is_on_the_page(path: str):
+    """Deltas and interval bounds (signed, two decimals) appear on docs/results.md as written; half-widths
+    (±x.xx) are a row's; seed-to-seed SDs ("SD x.xx") are a noise-table cell: prose included, not only
+    tables, so no number can go stale when the page is made again."""
+    page = (ROOT / "docs" / "results.md").read_text()
+    rows = json.loads((ROOT / "docs" / "results.json").read_text())
+    halves = {f"{(r['hi'] - r['lo']) / 2:.2f}" for r in rows if r["lo"] is not None and r["hi"] is not None}
+    prose = section_of(path, RESULT_PROSE[path])
+    signed = re.findall(r"(?<![\w.])[-+]\d+\.\d\d(?!\d)", prose)
+    assert signed, f"{path}: no result numbers found in {RESULT_PROSE[path]!r}"
+    for number in signed:
+        assert number in page, f"{path}: {number} is not on docs/results.md"
+    for half in re.findall(r"±(\d+\.\d\d)", prose):
+        assert half in halves, f"{path}: ±{half} is no row's half-width in docs/results.json"
+    for sd in re.findall(r"SD (\d+\.\d\d)", prose):
+        assert f"| {sd} |" in page, f"{path}: SD {sd} is not in a noise table of docs/results.md"
