@@ -13,7 +13,8 @@ from torchvision.datasets import cifar
 
 from alexnet.config import DataConfig, Dataset
 from alexnet.data import CIFAR10_CLASSES, AlexNetDataModule, DataNotFoundError
-from alexnet.images import decode_files
+from alexnet.images import decode_files, read_rgb
+from alexnet.presets import PixelStats
 
 
 def cifar_module(root: Path, **overrides) -> AlexNetDataModule:
@@ -149,3 +150,27 @@ def test_synthetic_is_deterministic():
     a.setup(), b.setup()
     assert torch.equal(a.train_set.images, b.train_set.images)
     assert len(a.train_set) == 64 and len(a.val_set) == 16 and len(a.test_set) == 16
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_formats_torchvision_cannot_decode_are_read_by_pil(tmp_path: Path, fmt: str):
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    path = tmp_path / f"image.{fmt.lower()}"
+    Image.fromarray(pixels).save(path, fmt)
+    assert torch.equal(read_rgb(path), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_a_checkpoint_keeps_the_pixel_statistics_and_testing_needs_nothing_else():
+    """state_dict() carries the training images' statistics; a module given them reads the test split only
+    and normalises it exactly as the module that trained."""
+    cfg = DataConfig(dataset=Dataset.synthetic, val_size=16, synthetic_size=64, test_size=16)
+    trained = AlexNetDataModule(cfg)
+    trained.setup("fit")
+    state = trained.state_dict()
+    tester = AlexNetDataModule(cfg, stats=PixelStats.from_json(state["pixel_stats"]))
+    tester.setup("test")
+    assert tester.train_set is None and tester.val_set is None
+    assert torch.equal(
+        tester.augment(tester.test_set.images, "test"), trained.augment(trained.test_set.images, "test")
+    )
+    assert state["classes"] == list(trained.classes)

@@ -45,7 +45,8 @@ class DataConfig:
     num_classes: int | None = 10  # null: as many as the class folders of data=folder
     test_split: str | None = "test"  # null (data=folder): test/ if the root has one, else val/
     # Held out of the training images to drive the learning-rate schedule; the test split never does.
-    val_size: int = 5000
+    # null: a tenth of each class (at least one image), for any size of data set (data=folder's default).
+    val_size: int | None = 5000
     train_size: int | None = None  # null = all remaining training images; a number = a seeded subset
     test_size: int | None = None
     synthetic_size: int = 512
@@ -94,7 +95,10 @@ class DataConfig:
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "a positive integer")
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         require(
-            self.val_size >= 1, "data.val_size", self.val_size, "the LR schedule needs a validation split"
+            self.val_size is None or self.val_size >= 1,
+            "data.val_size",
+            self.val_size,
+            "the LR schedule needs a validation split (null: a tenth of each class)",
         )
         for key in ("train_size", "test_size"):
             value = getattr(self, key)
@@ -368,7 +372,7 @@ def _check_devices(checked: CheckedConfig, trainer: dict[str, Any], optuna: bool
             f"{processes}",
         )
         require(
-            checked.data.val_size >= processes,
+            checked.data.val_size is None or checked.data.val_size >= processes,
             "data.val_size",
             checked.data.val_size,
             f"each of the devices.count={processes} processes validates a share of the images; use at least "

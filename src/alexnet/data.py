@@ -10,8 +10,11 @@
 
 The first three keep the whole split decoded in one uint8 tensor in memory (150 MB for CIFAR-10's
 training images), so an epoch never touches a decoder. The validation split that drives the learning-rate
-schedule is held out of the training images (seeded by ``data.split_seed``); the test split is reported but
-never used to make a training decision. Section 4.1's augmentation is in ``alexnet.presets``.
+schedule is held out of the training images (seeded by ``data.split_seed``): ``data.val_size`` of them, or
+with null a tenth of each class (``holdout``); the test split is reported but never used to make a training
+decision. Evaluating a checkpoint needs the test split only: it is normalised with the training images'
+statistics, which every checkpoint carries (``state_dict``). Section 4.1's augmentation is in
+``alexnet.presets``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -41,6 +45,7 @@ from alexnet.images import (
 )
 from alexnet.presets import Draws, PixelStats, Preset
 from alexnet.seeding import generator
+from alexnet.splits import VAL_FRACTION, holdout, split_indices, subset
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +93,6 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
 
-def _split_indices(n: int, first: int, second: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded permutation of range(n) cut into [first] and [the next `second`, or all the rest]."""
-    if first >= n:
-        raise DataError(f"data.val_size={first} leaves no training images out of {n}; lower it.")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[:first], order[first : None if second is None else first + second]
-
-
-def _subset(n: int, size: int | None, seed: int) -> torch.Tensor:
-    if size is None or size >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-
-
 def synthetic_images(n: int, cfg: DataConfig, seed: int) -> InMemoryImages:
     """A fixed coarse colour pattern per class (4x4 blocks) under pixel noise: learnable in a few epochs."""
     gen = torch.Generator().manual_seed(cfg.split_seed)
@@ -138,11 +129,13 @@ def tensor_key(images: torch.Tensor) -> str:
 
 
 class AlexNetDataModule(L.LightningDataModule):
-    """``seed``: the run's seed, whose streams order the training images and draw their augmentation."""
+    """``seed``: the run's seed, whose streams order the training images and draw their augmentation.
+    ``stats``: the pixel statistics of the images a checkpoint was trained on; with them, ``setup("test")``
+    reads the test split alone (evaluation)."""
 
-    def __init__(self, cfg: DataConfig, seed: int = 0):
+    def __init__(self, cfg: DataConfig, seed: int = 0, stats: PixelStats | None = None):
         super().__init__()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.given_stats = cfg, seed, stats
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -157,13 +150,16 @@ class AlexNetDataModule(L.LightningDataModule):
                 datasets.CIFAR10(str(Path(self.cfg.root).expanduser()), train=train, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or (stage == "test" and self.test_set is not None):
             return
         cfg = self.cfg
-        if cfg.dataset is Kind.synthetic:
-            full = synthetic_images(cfg.synthetic_size + cfg.val_size, cfg, seed=1)
-            test = synthetic_images(cfg.test_size or cfg.val_size, cfg, seed=2)
-            val_idx, train_idx = _split_indices(len(full), cfg.val_size, cfg.train_size, cfg.split_seed)
+        if stage == "test" and self.given_stats is not None:
+            self._setup_test()
+        elif cfg.dataset is Kind.synthetic:
+            n_val = self._synthetic_val()
+            full = synthetic_images(cfg.synthetic_size + n_val, cfg, seed=1)
+            test = synthetic_images(cfg.test_size or n_val, cfg, seed=2)
+            val_idx, train_idx = split_indices(len(full), n_val, cfg.train_size, cfg.split_seed)
             self._in_memory(full, val_idx, train_idx, test)
         elif cfg.dataset in IN_MEMORY:
             self._setup_in_memory()
@@ -174,11 +170,49 @@ class AlexNetDataModule(L.LightningDataModule):
                 f"data.num_classes={cfg.num_classes} but {cfg.root} has {len(self.classes)} classes: "
                 f"set data.num_classes={len(self.classes)} (or null, to count the class folders)."
             )
+        sizes = [len(split or ()) for split in (self.train_set, self.val_set, self.test_set)]
         log.info(
             "data: %s, %d train / %d val / %d test images, %d classes; pixel mean %s std %s",
-            cfg.dataset.value, len(self.train_set), len(self.val_set), len(self.test_set), len(self.classes),
+            cfg.dataset.value, *sizes, len(self.classes),
             [round(v, 4) for v in self.stats.mean.tolist()], [round(v, 4) for v in self.stats.std.tolist()],
         )  # fmt: skip
+
+    def _synthetic_val(self) -> int:
+        cfg = self.cfg
+        return cfg.val_size if cfg.val_size is not None else max(1, round(VAL_FRACTION * cfg.synthetic_size))
+
+    def _setup_test(self) -> None:
+        """The test split alone, normalised with the statistics it was given (a checkpoint's)."""
+        cfg = self.cfg
+        if cfg.dataset is Kind.synthetic:
+            self.test_set = synthetic_images(cfg.test_size or self._synthetic_val(), cfg, seed=2)
+        elif cfg.dataset in IN_MEMORY:
+            source, labels, classes = self._split(train=False)
+            keep = subset(len(labels), cfg.test_size, cfg.split_seed)
+            self.test_set = InMemoryImages(self._decode(source, keep), labels[keep], classes)
+        else:
+            root = Path(cfg.root).expanduser() / test_split_of(cfg)
+            list_image_folder(root, cfg.dataset)  # a clear error before torchvision's
+            test = datasets.ImageFolder(str(root), canvas_transform(cfg.resize_size), loader=read_rgb)
+            self.test_set = Subset(test, subset(len(test), cfg.test_size, cfg.split_seed).tolist())
+        self.classes = tuple(getattr(self.test_set, "classes", None) or self.test_set.dataset.classes)
+        if isinstance(self.test_set, InMemoryImages):
+            self._on_device(self.test_set)
+        self.stats = self.given_stats
+        self.preset = Preset(cfg, self.stats)
+
+    def _on_device(self, *splits: InMemoryImages) -> None:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.cfg.on_device and device.type != "cpu":  # CIFAR-10: 180 MB of uint8 on the GPU
+            for split in splits:
+                split.images, split.labels = split.images.to(device), split.labels.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What every checkpoint keeps of its data (Lightning saves it under the class's name): the training
+        images' pixel statistics, which evaluation normalises with on any data, and the class names."""
+        if self.stats is None:
+            return {}
+        return {"pixel_stats": self.stats.to_json(), "classes": list(self.classes)}
 
     def _split(self, train: bool) -> tuple[list[Path] | torch.Tensor, torch.Tensor, tuple[str, ...]]:
         """A split of cifar10 or folder data, not decoded yet: (its files, or torchvision's image array;
@@ -213,13 +247,13 @@ class AlexNetDataModule(L.LightningDataModule):
     def _setup_in_memory(self) -> None:
         cfg = self.cfg
         source, labels, classes = self._split(train=True)
-        val_idx, train_idx = _split_indices(len(labels), cfg.val_size, cfg.train_size, cfg.split_seed)
+        val_idx, train_idx = holdout(labels, cfg.val_size, cfg.train_size, cfg.split_seed)
         keep = torch.cat([val_idx, train_idx])  # decode only the images a subset uses
         full = InMemoryImages(self._decode(source, keep), labels[keep], classes)
         source, labels, test_classes = self._split(train=False)
         if test_classes != classes:
             raise DataError(f"Train and test classes differ under {cfg.root}: {classes} vs {test_classes}")
-        keep = _subset(len(labels), cfg.test_size, cfg.split_seed)
+        keep = subset(len(labels), cfg.test_size, cfg.split_seed)
         test = InMemoryImages(self._decode(source, keep), labels[keep], classes)
         n_val = len(val_idx)
         self._in_memory(full, torch.arange(n_val), torch.arange(n_val, len(full)), test)
@@ -232,12 +266,9 @@ class AlexNetDataModule(L.LightningDataModule):
         self.val_set = InMemoryImages(full.images[val_idx], full.labels[val_idx], full.classes)
         self.test_set = test
         images = self.train_set.images
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        if self.cfg.on_device and device.type != "cpu":  # CIFAR-10: 180 MB of uint8 on the GPU
-            for split in (self.train_set, self.val_set, self.test_set):
-                split.images, split.labels = split.images.to(device), split.labels.to(device)
+        self._on_device(self.train_set, self.val_set, self.test_set)
         if self.cfg.stats_images is not None:
-            images = images[_subset(len(images), self.cfg.stats_images, self.cfg.split_seed)]
+            images = images[subset(len(images), self.cfg.stats_images, self.cfg.split_seed)]
         self.stats = cached_stats(tensor_key(images), self.cfg.cache_dir, lambda: PixelStats.of(images))
         self.preset = Preset(self.cfg, self.stats)
 
@@ -250,12 +281,13 @@ class AlexNetDataModule(L.LightningDataModule):
         canvas = canvas_transform(cfg.resize_size)
         train = datasets.ImageFolder(str(root / "train"), canvas, loader=read_rgb)
         test = datasets.ImageFolder(str(root / split), canvas, loader=read_rgb)
-        val_idx, train_idx = _split_indices(len(train), cfg.val_size, cfg.train_size, cfg.split_seed)
+        targets = torch.tensor(train.targets)
+        val_idx, train_idx = holdout(targets, cfg.val_size, cfg.train_size, cfg.split_seed)
         self.classes = tuple(train.classes)
         self.train_set = Subset(train, train_idx.tolist())
         self.val_set = Subset(train, val_idx.tolist())
-        self.test_set = Subset(test, _subset(len(test), cfg.test_size, cfg.split_seed).tolist())
-        picked = _subset(len(self.train_set), cfg.stats_images, cfg.split_seed).tolist()
+        self.test_set = Subset(test, subset(len(test), cfg.test_size, cfg.split_seed).tolist())
+        picked = subset(len(self.train_set), cfg.stats_images, cfg.split_seed).tolist()
         sample = Subset(self.train_set, picked)
         # The key names the files (with sizes and times) and the canvas: a changed file means new statistics.
         digest = hashlib.sha256(f"{cfg.resize_size}".encode())

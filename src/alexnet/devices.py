@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from alexnet.config import DeviceMode, DevicesConfig
-from alexnet.errors import ConfigError
+from alexnet.errors import ConfigError, require
 from alexnet.model import AlexNet, LocalResponseNorm
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,45 @@ class Placement:
             net = TwoDeviceAlexNet(net, self.columns)
         # Convolution weights in channels_last make every conv (and so every map after it) channels_last.
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
+
+def check_machine(devices: DevicesConfig, accelerator: str) -> None:
+    """The accelerator and the number of devices a job asks for, against what this machine has (Lightning's
+    accelerator registry): a ``ConfigError`` before any run opens, not Lightning's traceback after."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
+
+    names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    require(accelerator in names, "trainer.accelerator", accelerator, f"use one of {', '.join(names)}")
+    name = accelerator
+    if accelerator in ("auto", "gpu"):  # Lightning's choice: a CUDA GPU, else Apple's, else (auto) the CPU
+        gpus = [n for n, cls in (("cuda", CUDAAccelerator), ("mps", MPSAccelerator)) if cls.is_available()]
+        name = (gpus or ["cpu" if accelerator == "auto" else "gpu"])[0]
+    available = name in AcceleratorRegistry and AcceleratorRegistry[name]["accelerator"].is_available()
+    what = {"gpu": "GPU (CUDA or Apple's MPS)", "cuda": "CUDA GPU"}.get(name, f"{name} device")
+    require(
+        available,
+        "trainer.accelerator",
+        accelerator,
+        f"this machine has no {what} that torch can use; use trainer.accelerator=cpu, or auto (a GPU where "
+        "there is one)",
+    )
+    require(
+        devices.mode is not DeviceMode.model_parallel or name in ("cpu", "cuda"),
+        "trainer.accelerator",
+        accelerator,
+        f"devices=model_parallel puts its columns on CUDA GPUs or the CPU, not on {name}; use "
+        "trainer.accelerator=cpu",
+    )
+    if name == "cpu":  # CPU processes (ddp) and model parallel's two columns both fit on any CPU
+        return
+    have = AcceleratorRegistry[name]["accelerator"].auto_device_count()
+    require(
+        devices.processes <= have,
+        "devices.count",
+        devices.count,
+        f"devices=ddp starts one process per {name} device and this machine has {have}; lower devices.count, "
+        "or trainer.accelerator=cpu",
+    )
 
 
 def placement(devices: DevicesConfig, accelerator: str) -> Placement:
