@@ -8,15 +8,17 @@
 ``start`` creates (the first time) a PostgreSQL cluster under ``--root`` (default ``.team/`` at the project
 root), a role ``alexnet`` with a generated password and two databases, ``mlflow`` and ``optuna``; starts
 PostgreSQL and ``mlflow server`` (artifacts under ``--root``/artifacts), both bound to 127.0.0.1 unless
-``--host`` says otherwise; waits until the server answers; and prints, on stdout and nothing else, the two
-lines to export:
+``--host`` says otherwise; waits until the server answers; and prints, on stdout and nothing else, the lines
+to export, which hold no password:
 
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
-    export OPTUNA_STORAGE=postgresql+psycopg://alexnet:<password>@127.0.0.1:5432/optuna
+    export OPTUNA_STORAGE=postgresql+psycopg://alexnet@127.0.0.1:5432/optuna
+    export PGPASSFILE=/path/to/.team/pgpass
 
 Running ``start`` again reuses what runs. The passwords live in ``--root``/credentials.json (mode 0600); the
-MLflow server gets its database URL through its environment, never its command line (which ``ps`` shows to
-every user of the machine). Progress and errors go to stderr.
+role's is also in ``--root``/pgpass (0600, PostgreSQL's password file format), where libpq (under psycopg)
+finds it for OPTUNA_STORAGE. The MLflow server gets its database URL through its environment, never its
+command line (which ``ps`` shows to every user of the machine). Progress and errors go to stderr.
 
 PostgreSQL refuses to run as root: as root, the cluster belongs to and runs as the user ``postgres``
 (``--pg-user``), through ``runuser``.
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import socket
 import sys
 from collections.abc import Sequence
@@ -87,6 +90,10 @@ class Team:
         return self.root / "credentials.json"
 
     @property
+    def pgpass_path(self) -> Path:
+        return self.root / "pgpass"
+
+    @property
     def pid_path(self) -> Path:
         return self.root / "mlflow.pid"
 
@@ -124,12 +131,23 @@ class Team:
     def public_host(self, s: Settings) -> str:
         return socket.getfqdn() if s.host in ("0.0.0.0", "::") else s.host
 
+    def pgpass(self, s: Settings) -> Path:
+        """The role's password for any host on ``s.port_db`` (mode 0600: libpq ignores a file others read)."""
+        secret = self.credentials()[ROLE].replace("\\", "\\\\").replace(":", "\\:")
+        fd = os.open(self.pgpass_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"*:{s.port_db}:*:{ROLE}:{secret}\n")
+        os.chmod(self.pgpass_path, 0o600)
+        return self.pgpass_path
+
     def exports(self, s: Settings) -> list[str]:
+        """The lines to export, without a password: OPTUNA_STORAGE's is in the file PGPASSFILE names."""
         host = self.public_host(s)
-        storage = self.postgres(s).url("optuna", ROLE, self.credentials()[ROLE], host=host)
+        storage = self.postgres(s).url("optuna", ROLE, None, host=host)
         return [
             f"export MLFLOW_TRACKING_URI=http://{host}:{s.port_mlflow}",
             f"export OPTUNA_STORAGE={storage}",
+            f"export PGPASSFILE={shlex.quote(str(self.pgpass(s)))}",
         ]
 
     def start(self, requested: dict[str, Any]) -> Settings:
@@ -182,6 +200,10 @@ class Team:
             self.pid_path.write_text(str(proc.pid))
             seconds = wait_healthy(server.uri, 300, proc)
             log(f"The MLflow server answers after {seconds:.0f} s")
+        log(
+            f"Passwords: {self.credentials_path} (mode 0600). OPTUNA_STORAGE takes the role's from "
+            f"PGPASSFILE={self.pgpass_path}; copy that file (or its line) to other machines (docs/team.md)."
+        )
         if s.host not in LOOPBACK:
             log(
                 f"WARNING: --host {s.host}: the MLflow server has no authentication. Anyone who reaches "

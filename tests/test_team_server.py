@@ -346,7 +346,7 @@ def test_team_server_start_is_idempotent_and_prints_the_exports(team_setup):
     command = json.loads(team_setup["_command"])
     assert set(team_setup) >= {"MLFLOW_TRACKING_URI", "OPTUNA_STORAGE"}
     assert team_setup["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")  # loopback by default
-    assert team_setup["OPTUNA_STORAGE"].startswith("postgresql+psycopg://alexnet:")
+    assert team_setup["OPTUNA_STORAGE"].startswith("postgresql+psycopg://alexnet@")  # no password printed
     start = time.monotonic()
     again = subprocess.run([*command, "start"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and time.monotonic() - start < 30, again.stderr  # reused, not restarted
@@ -356,8 +356,10 @@ def test_team_server_start_is_idempotent_and_prints_the_exports(team_setup):
     assert "already runs" in again.stderr
     status = subprocess.run([*command, "status"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "healthy" in status.stderr
-    password = team_setup["OPTUNA_STORAGE"].split(":")[2].split("@")[0]
     team_root = Path(team_setup["_home"]) / "team"
+    password = json.loads((team_root / "credentials.json").read_text())["alexnet"]
+    assert password not in again.stdout + again.stderr + status.stdout + status.stderr
+    assert Path(team_setup["PGPASSFILE"]).read_text().strip().endswith(f":alexnet:{password}")
     assert oct((team_root / "credentials.json").stat().st_mode & 0o777) == "0o600"
     # The server's database URL (with the password) is in its environment, not on its command line.
     pid = int((team_root / "mlflow.pid").read_text())
@@ -399,6 +401,7 @@ def test_parallel_sweep_and_two_worker_study_read_back_whole(team_setup, tmp_pat
     assert sorted(r.data.params["seed"] for r in sweep) == ["1", "2", "3", "4"]
     assert len({r.data.tags["mlflow.parentRunId"] for r in sweep}) == 1  # one parent run for the sweep
 
+    os.environ["PGPASSFILE"] = env["PGPASSFILE"]  # the storage URL holds no password: libpq reads it there
     study = optuna.load_study(study_name=study_name, storage=env["OPTUNA_STORAGE"])
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     for trial in study.trials:
@@ -546,30 +549,24 @@ def test_ddp_job_under_submitit_local(team_setup, tmp_path: Path):
 @needs_postgres
 @pytest.mark.slow
 def test_passwords_on_the_command_line_reach_neither_tracker_nor_logs(team_setup, tmp_path: Path):
-    """The same URLs passed as overrides instead (logger.tracking_uri=..., hydra.sweeper.storage=...): masked
-    in the tracker and every log line, Hydra's launch lines included. (Hydra's own .hydra/ folders and
-    multirun.yaml keep the command line as typed: keep passwords in the environment.)"""
+    """The same URLs passed as overrides instead (logger.tracking_uri=..., hydra.sweeper.storage=...): refused
+    in one line before anything is written (Hydra would keep them as typed in .hydra/ and multirun.yaml)."""
     env = uris(team_setup)
-    storage = env.pop("OPTUNA_STORAGE")
-    db_secret = storage.split(":")[2].split("@")[0]
+    db_secret = json.loads((Path(team_setup["_home"]) / "team" / "credentials.json").read_text())["alexnet"]
+    storage = env.pop("OPTUNA_STORAGE").replace("alexnet@", f"alexnet:{db_secret}@")
     http_secret = f"http{secrets.token_hex(8)}"
     tracking = env.pop("MLFLOW_TRACKING_URI").replace("http://", f"http://bob:{http_secret}@")
     experiment = f"cli-secrets-{secrets.token_hex(4)}"
-    proc = ok(
-        train(
-            tmp_path, *SMOKE, f"logger.experiment_name={experiment}", f"logger.tracking_uri={tracking}",
-            "hparams_search=cifar_sgd", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=1",
-            f"hydra.sweeper.study_name={experiment}",
-            env={"MLFLOW_TRACKING_URI": None, "OPTUNA_STORAGE": None}, multirun=True,
-        )
+    proc = train(
+        tmp_path, *SMOKE, f"logger.experiment_name={experiment}", f"logger.tracking_uri={tracking}",
+        "hparams_search=cifar_sgd", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=1",
+        f"hydra.sweeper.study_name={experiment}",
+        env={"MLFLOW_TRACKING_URI": None, "OPTUNA_STORAGE": None}, multirun=True,
     )  # fmt: skip
-    assert "bob:***@" in proc.stdout  # Hydra's "#0 : ..." launch line, masked
-    client = MlflowClient(tracking)
-    written = everything_written(client, experiment, tmp_path / "artifacts")
-    outputs = files_text(tmp_path / "multirun", skip_hydra_dirs=True)
-    outputs = {p: text for p, text in outputs.items() if p.name != "multirun.yaml"}
-    places = {"tracker": written, "stdout": proc.stdout, "stderr": proc.stderr,
-              **{str(p): text for p, text in outputs.items()}}  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("Config error: hydra.sweeper.storage on the")
+    assert MlflowClient(tracking).get_experiment_by_name(experiment) is None
+    outputs = files_text(tmp_path)
+    places = {"stdout": proc.stdout, "stderr": proc.stderr, **{str(p): text for p, text in outputs.items()}}
     for place, text in places.items():
         for secret in (db_secret, http_secret):
             assert secret not in text, f"a password in {place}"

@@ -8,19 +8,19 @@ Every training job is one MLflow run that holds
   ``test_outcomes.npz`` (each test image right or wrong), and ``error.txt`` when the job failed.
 
 The jobs of one sweep (a Hydra multirun, or an Optuna study) are nested under one parent run. Any tracking
-URI MLflow accepts works: the default SQLite file, or ``http://host:5000``. A password in a URL (a tracking
-server's or a database's) never reaches the tracker or a log line (alexnet.redaction).
+URI MLflow accepts works: the default SQLite file, or ``http://host:5000``. A job holds a lease on the run it
+trains (alexnet.lease), and a run's last checkpoint can live in the store, for any machine to resume from
+(alexnet.handover). A password never reaches the tracker, a log line or the console (alexnet.redaction).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
-import math
 import subprocess
+import sys
 import tempfile
 import traceback
 import urllib.parse
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
@@ -39,27 +38,38 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from alexnet import handover, lease
 from alexnet.errors import TrackingError
-from alexnet.identity import config_lock, experiment_params, run_key, run_name
-from alexnet.redaction import mask_log_records, mask_secrets, quiet_run_links
+from alexnet.identity import experiment_params, run_key, run_name
+from alexnet.redaction import (
+    mask_log_records,
+    mask_output,
+    mask_secrets,
+    mask_url,
+    quiet_run_links,
+    remember_url,
+)
+from alexnet.results import (  # noqa: F401 - what a run records at its end; the task and report use them here
+    HEADLINE,
+    OUTCOMES_ARTIFACT,
+    labels_digest,
+    log_outcomes,
+    log_summary,
+    read_outcomes,
+    summary_of,
+)
 
 log = logging.getLogger(__name__)
 
-# Before Hydra logs its first line: src/train.py imports this module first.
+# Before Hydra logs its first line or prints its first error: src/train.py and src/eval.py import this module
+# first. (The console only for the project's scripts: not in a test process, whose streams pytest swaps.)
 mask_log_records()
+if sys.argv and Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parents[1]:
+    mask_output()
 
-OUTCOMES_ARTIFACT = "test_outcomes.npz"
 # MLflow 3's UI opens an experiment of this kind on its table of training runs (not on the GenAI overview).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# The numbers a reader looks for first, also under one prefix, so that they sort together in the UI's column
-# picker and charts (type "headline"): summary key -> headline name.
-HEADLINE = {
-    "test/top1_err_1crop": "headline/test_top1_err",
-    "test/top5_err_1crop": "headline/test_top5_err",
-    "test/top1_err_10crop": "headline/test_top1_err_10views",
-    "best/val_top1_err": "headline/val_top1_err_best",
-    "final/epochs_to_target": "headline/epochs_to_target",
-}
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the checkout this package was installed from (pip -e)
 SWEEP_TAG = "alexnet.sweep"  # on a sweep's parent run: the digest of the sweep's command line
 
 
@@ -81,7 +91,8 @@ def git_commit(root: Path) -> str:
 def run_tags(cfg: DictConfig, job: dict[str, Any]) -> dict[str, str]:
     tags = {
         "seed": str(cfg.seed),
-        "git_commit": git_commit(Path(cfg.paths.root_dir)),
+        # The code's own checkout, not paths.root_dir: outputs may live anywhere, the commit is the code's.
+        "git_commit": git_commit(CODE_ROOT),
         "hydra_job_num": str(job.get("num", 0)),
         "output_dir": str(job.get("output_dir", "")),
         # The command line that made the run, without where things went: the report prints it.
@@ -108,6 +119,7 @@ def _says_what(override: str) -> bool:
 
 def tracking_uri(cfg: DictConfig) -> str:
     uri = str(cfg.logger.tracking_uri)
+    remember_url(uri)  # its password is masked also where an error quotes it without the URL
     if uri.startswith("sqlite:") and "timeout=" not in uri:
         # Parallel jobs share one SQLite file: wait up to a minute for another writer's lock instead of
         # failing at once with "database is locked" (Python's default wait is 5 s).
@@ -132,7 +144,7 @@ def check_reachable(uri: str, seconds: float = 10.0) -> None:
             response.read()
     except (OSError, ValueError) as err:
         raise TrackingError(
-            f"Cannot reach the MLflow tracking server at {mask_secrets(uri)} ({mask_secrets(str(err))}). "
+            f"Cannot reach the MLflow tracking server at {mask_url(uri)} ({mask_secrets(str(err))}). "
             "Start it (mlflow server --host ... --port ..., or scripts/team_server.py), fix "
             "logger.tracking_uri / MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
         ) from None
@@ -161,24 +173,45 @@ def experiment_id(client: MlflowClient, cfg: DictConfig, uri: str) -> str:
         with store_lock(uri):
             experiment = client.get_experiment_by_name(name)
             if experiment is None or experiment.lifecycle_stage == "deleted":
-                return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+                try:
+                    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+                except MlflowException as err:  # on a server, another job of the sweep created it first
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is not None:
+                        raise
+                    experiment = client.get_experiment_by_name(name)
             for key, value in EXPERIMENT_KIND.items():
                 if key not in experiment.tags:
                     client.set_experiment_tag(experiment.experiment_id, key, value)
             return experiment.experiment_id
     except MlflowException as err:
         raise TrackingError(
-            f"Cannot use the MLflow store {mask_secrets(uri)}: {mask_secrets(str(err))}"
+            f"Cannot use the MLflow store {mask_url(uri)}: {mask_secrets(str(err))}"
         ) from None
 
 
 class RunLogger(MLFlowLogger):
     """Lightning ends the MLflow run FINISHED as soon as ``fit`` returns; the task still has to test and
     log the summary. A run killed then would look complete and never be resumed, so success is left to
-    ``finish``; failures still end the run at once."""
+    ``finish``; failures still end the run at once. With ``uploader``, each epoch's checkpoint goes to the
+    store too. Once another job has taken the run over (``held.lost``), nothing more is written to it."""
+
+    held: lease.Lease | None = None
+    uploader: handover.Uploader | None = None
+
+    def _ours(self) -> bool:
+        return self.held is None or self.held.lost is None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.held is not None:
+            self.held.check()  # stops the training of a job that lost its run
+        super().log_metrics(metrics, step)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        if self.uploader is not None and self._ours():
+            self.uploader(checkpoint_callback)
 
     def finalize(self, status: str = "success") -> None:
-        if status != "success":
+        if status != "success" and self._ours():
             super().finalize(status)
 
 
@@ -196,22 +229,34 @@ class TrackedRun:
     resume_from: Path | None = None  # the last checkpoint of an interrupted attempt
     finished: Run | None = None  # the earlier run, when it finished (or diverged)
     lock: FileLock | None = None  # held while this process trains the config (resume=auto)
+    held: lease.Lease | None = None  # this job's lease on the run, beating while it trains
+
+    @property
+    def lost(self) -> bool:
+        """Whether another job took the run over: then this one must not end it."""
+        return self.held is not None and self.held.lost is not None
 
     def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
         if self.lock is not None:
             self.lock.release()
 
 
 def open_run(cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> TrackedRun:
-    """Find or create the job's MLflow run before any training starts.
+    """Find or create the job's MLflow run before any training starts, and take its lease (alexnet.lease).
 
     With ``resume=auto`` (the default) a job whose configuration (``run_key``) already has a run in the
     experiment continues it: a FINISHED or diverged run is not trained again; an interrupted or failed one
-    goes on from its last checkpoint, in the same run, so its metric history stays one curve. Creating the
-    run here, not at the first metric, means a wrong URI or an unwritable store fails in the first second,
-    and a job that dies later still leaves a run that says so.
+    goes on from its last checkpoint (this machine's, or the store's: alexnet.handover), in the same run, so
+    its metric history stays one curve. A run that another live job holds, here or on another machine, is
+    left alone: ``lease.Held``, which the task reports as a skip. Creating the run here, not at the first
+    metric, means a wrong URI or an unwritable store fails in the first second, and a job that dies later
+    still leaves a run that says so.
     """
     uri = tracking_uri(cfg)
+    held = lease.Lease(uri, lease.seconds_of(cfg.logger))
+    upload = handover.enabled(cfg.logger.get("checkpoint_artifact", "auto"), uri)
     quiet_run_links(uri)
     check_reachable(uri)
     with store_lock(uri):  # on a new SQLite file MlflowClient creates the tables: parallel jobs race for it
@@ -219,34 +264,67 @@ def open_run(cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> TrackedR
     exp = experiment_id(client, cfg, uri)
     key = run_key(cfg, fingerprint)
     checkpoints = Path(cfg.paths.checkpoint_dir)
-    lock = previous = None
-    if cfg.resume == "auto":  # with resume=never the run is new, and so is its checkpoint folder: no lock
-        lock = config_lock(checkpoints, key)
-        found = client.search_runs([exp], f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"])
-        previous = found[0] if found else None
-    if previous is not None:
-        run_id = previous.info.run_id
-        if previous.info.status == "FINISHED" or previous.data.tags.get("diverged") == "true":
+    lock = previous = resume_from = None
+    try:
+        if cfg.resume == "auto":  # with resume=never the run is new, and so is its checkpoint folder: no lock
+            lock = lease.local_lock(checkpoints, key)
+            found = client.search_runs(
+                [exp], f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"]
+            )
+            previous = found[0] if found else None
+        if previous is not None and (
+            previous.info.status == "FINISHED" or previous.data.tags.get("diverged") == "true"
+        ):
             lock.release()
-            return TrackedRun(None, run_id, checkpoints / run_id, finished=previous)
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "attempts", str(int(previous.data.tags.get("attempts", "1")) + 1))
-        last = checkpoints / run_id / "last.ckpt"
-        resume_from = last if last.is_file() else None
-        client.set_tag(run_id, "resumed_from", str(resume_from) if resume_from else "start")
+            return TrackedRun(
+                None, previous.info.run_id, checkpoints / previous.info.run_id, finished=previous
+            )
+        if previous is not None:
+            run_id = previous.info.run_id
+            lease.take_over(client, previous, held)
+            held.start()  # before the download: a large checkpoint takes a while
+            resume_from = handover.fetch(client, previous, checkpoints / run_id)
+            client.set_tag(run_id, "resumed_from", str(resume_from) if resume_from else "start")
+        else:
+            run_id = _new_run(client, exp, cfg, job, key, held)
+            held.start()
         logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id)
-        return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from, lock=lock)
+        if previous is None:
+            _record(logger, cfg, job, fingerprint)
+        client.set_tag(run_id, "checkpoint_dir", str(checkpoints / run_id))
+    except BaseException:
+        held.release()
+        if lock is not None:
+            lock.release()
+        raise
+    logger.held = held
+    if upload:
+        logger.uploader = handover.Uploader(client, run_id, checkpoints / run_id)
+    return TrackedRun(logger, run_id, checkpoints / run_id, resume_from=resume_from, lock=lock, held=held)
 
+
+def _new_run(client: MlflowClient, exp: str, cfg: DictConfig, job: dict[str, Any], key: str,
+             held: lease.Lease) -> str:  # fmt: skip
+    """A new run, with this job's lease in its first tags."""
     tags = run_tags(cfg, job) | {
         "run_key": key,
         "attempts": "1",
+        "host": lease.host(),
         MLFLOW_RUN_NAME: run_name(job.get("overrides", [])),
+        lease.LEASE_TAG: held.value(),
     }
     parent = sweep_parent(client, exp, cfg, job)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
-    run_id = client.create_run(exp, tags=tags).info.run_id
-    logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id)
+    held.run_id = client.create_run(exp, tags=tags).info.run_id
+    if cfg.resume == "auto":
+        lease.keep_first(client, exp, key, held)
+    return held.run_id
+
+
+def _record(logger: MLFlowLogger, cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> None:
+    """A new run's params, ``config.yaml`` and ``overrides.yaml``; a store that cannot take them fails it."""
+    client, run_id = logger.experiment, logger.run_id
     try:
         params = experiment_params(cfg, fingerprint) | {"seed": str(cfg.seed)}
         logger.log_hyperparams({k: mask_secrets(v) for k, v in params.items()})
@@ -257,14 +335,12 @@ def open_run(cfg: DictConfig, job: dict[str, Any], fingerprint: str) -> TrackedR
             client.log_artifacts(run_id, tmp)
     except (OSError, MlflowException) as err:
         error = TrackingError(
-            f"Cannot record run {run_id} in {mask_secrets(uri)} (artifacts: "
-            f"{client.get_run(run_id).info.artifact_uri}): {err}. Check that the artifact folder "
-            "(logger.artifact_location) exists, is writable and has free space."
+            f"Cannot record run {run_id} in {mask_url(tracking_uri(cfg))} (artifacts: "
+            f"{client.get_run(run_id).info.artifact_uri}): {mask_secrets(str(err))}. Check that the "
+            "artifact folder (logger.artifact_location) exists, is writable and has free space."
         )
         mark_failed(logger, error)
         raise error from None
-    client.set_tag(run_id, "checkpoint_dir", str(checkpoints / run_id))
-    return TrackedRun(logger, run_id, checkpoints / run_id, lock=lock)
 
 
 def sweep_parent(client: MlflowClient, exp: str, cfg: DictConfig, job: dict[str, Any]) -> str | None:
@@ -289,56 +365,6 @@ def sweep_parent(client: MlflowClient, exp: str, cfg: DictConfig, job: dict[str,
         run = client.create_run(exp, tags={SWEEP_TAG: key, MLFLOW_RUN_NAME: mask_secrets(label)[:250]})
         client.set_terminated(run.info.run_id, "FINISHED")  # a folder for its children; it trains nothing
         return run.info.run_id
-
-
-def summary_of(run: Run) -> dict[str, float | None]:
-    """The per-run numbers of a finished run, as the task returns them."""
-    summary = {k: v for k, v in run.data.metrics.items() if k.startswith(("best/", "final/", "test/"))}
-    if run.data.tags.get("epochs_to_target") == "never":
-        summary |= {"final/epochs_to_target": None, "final/seconds_to_target": None}
-    return summary
-
-
-def log_summary(logger: MLFlowLogger, summary: dict[str, float | None], step: int) -> None:
-    """Per-run numbers as metrics; a target never reached is the tag ``epochs_to_target=never``."""
-    metrics = {k: v for k, v in summary.items() if v is not None and not math.isnan(v)}
-    metrics |= {HEADLINE[k]: v for k, v in metrics.items() if k in HEADLINE}
-    logger.log_metrics(metrics, step=step)
-    if summary.get("final/epochs_to_target") is None:
-        logger.experiment.set_tag(logger.run_id, "epochs_to_target", "never")
-
-
-def log_outcomes(
-    logger: MLFlowLogger, outcomes: dict[str, np.ndarray], labels: np.ndarray, prefix: str | None = None
-) -> None:
-    """Each test image's outcome as ``test_outcomes.npz`` (under ``prefix/`` if given): packed bits, a few kB
-    for 10,000 images, plus a digest of the labels so that the report pairs only runs tested on the same
-    images in the same order."""
-    if not outcomes:
-        return
-    buffer = io.BytesIO()
-    packed = {k: np.packbits(v) for k, v in outcomes.items()}
-    np.savez_compressed(buffer, images=np.int64(len(labels)), labels_sha=labels_digest(labels), **packed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / OUTCOMES_ARTIFACT
-        path.write_bytes(buffer.getvalue())
-        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=prefix)
-
-
-def labels_digest(labels: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def read_outcomes(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """``test_outcomes.npz`` back as booleans per image, and its labels digest."""
-    with np.load(path) as data:
-        n = int(data["images"])
-        outcomes = {
-            k: np.unpackbits(data[k])[:n].astype(bool)
-            for k in data.files
-            if k not in ("images", "labels_sha")
-        }
-        return outcomes, str(data["labels_sha"])
 
 
 def mark_failed(logger: MLFlowLogger, error: BaseException, status: str = "FAILED") -> None:
