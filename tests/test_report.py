@@ -364,6 +364,18 @@ def test_real_ablation_multirun_with_a_failing_job_and_its_report(train_run, tmp
     # experiment.
     assert "`python src/train.py -m +ablation=pooling experiment=smoke logger.experiment_name=toy " \
         "data.synthetic_size=64`" in md  # fmt: skip
+    # The sweep's parent run in the UI: ended with its last job, with the sweep's counts, and one click from
+    # the report that read its jobs.
+    client = MlflowClient(train_run.tracking_uri)
+    (parent,) = [r for r in train_run.runs("toy", parents=True) if "alexnet.sweep" in r.data.tags]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FAILED" and parent.info.end_time >= max(r.info.end_time for r in runs)
+    counts = {k: v for k, v in parent.data.metrics.items() if k.startswith("sweep/")}
+    assert counts == {"sweep/finished": 4, "sweep/failed": 2, "sweep/killed": 0, "sweep/running": 0}
+    exp = client.get_experiment_by_name("toy").experiment_id
+    (report,) = client.search_runs([exp], "tags.`alexnet.report` = 'true'")
+    assert parent.data.tags["alexnet.report_run"] == report.info.run_id
+    assert f"runs/{report.info.run_id}/artifacts/report.html" in parent.data.tags["mlflow.note.content"]
 
 
 def test_a_factorial_multirun_reports_every_main_effect(train_run, tmp_path: Path):

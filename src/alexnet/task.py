@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from alexnet import ddp, design, devices, lease, redaction, search, tracking
+from alexnet import ddp, design, devices, lease, redaction, search, sweeps, tracking
 from alexnet.config import CheckedConfig, DataConfig, DevicesConfig, _typed, check_config
 from alexnet.data import AlexNetDataModule
 from alexnet.errors import Diverged, UserError
@@ -161,6 +161,7 @@ def provenance(p: Prepared, run_id: str | None) -> dict[str, Any]:
 def tracked(run: tracking.TrackedRun) -> Iterator[None]:
     """The run's end, whatever the work inside does; none when another job has taken the run over."""
     logger = run.logger
+    sweeps.job_started(logger.experiment, run.run_id)
     try:
         yield
         if run.held is not None:
@@ -181,6 +182,8 @@ def tracked(run: tracking.TrackedRun) -> Iterator[None]:
         raise
     finally:
         run.release()  # when the job ends, not the process: a sweep runs its jobs in one process
+        if not run.lost:
+            sweeps.job_ended(logger.experiment, run.run_id)
 
 
 def entry(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

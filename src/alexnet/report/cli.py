@@ -12,8 +12,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.search_utils import SearchUtils
 
+from alexnet import sweeps
 from alexnet.errors import ReportError, UserError
 from alexnet.redaction import mask_secrets
 from alexnet.report import bundle, document, render
@@ -196,6 +198,8 @@ def _log_report_run(
                     client.log_metric(run.info.run_id, f"{name}.{row.key}", value)
         client.log_param(run.info.run_id, "runs_read", len(runs))
         client.log_param(run.info.run_id, "runs_not_finished", sum(not r.finished for r in runs))
+        parents = {r.tags[MLFLOW_PARENT_RUN_ID] for r in runs if MLFLOW_PARENT_RUN_ID in r.tags}
+        sweeps.link_report(client, parents, run.info.run_id, experiment_id)  # one click from each sweep
         client.set_terminated(run.info.run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
