@@ -10,6 +10,7 @@ across groups) before anything runs.
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin
@@ -17,6 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.errors import PydanticSchemaGenerationError
 
 from alexnet.errors import ConfigError, require
 from alexnet.model import Arch, Choice, ModelConfig
@@ -321,29 +324,20 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 
 
 def _matches(value: Any, hint: Any) -> bool:
-    """Whether a plain config value fits a type hint. Lenient where a config value cannot say (classes)."""
-    origin = get_origin(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        return any(_matches(value, arm) for arm in get_args(hint))
-    if origin is Literal:
-        return value in get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, dict) or hint in (list, dict):
-        return isinstance(value, origin or hint)
-    return True  # a class (Accelerator, Strategy, timedelta): a config value cannot be one, Lightning checks
+    """Whether a plain config value fits a type hint, by pydantic's strict validation (a class such as
+    Accelerator or timedelta: a config value cannot be one, so it is left to Lightning)."""
+    try:
+        TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)).validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    except PydanticSchemaGenerationError:
+        return True
+    return True
 
 
 def _name(hint: Any) -> str:
-    if get_origin(hint) is typing.Union:
+    """A type hint as a person reads it: ``int or null``, ``one of 'a', 'b'``."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_name(arm) for arm in get_args(hint))
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(v) for v in get_args(hint))
@@ -396,8 +390,3 @@ def _check_devices(checked: CheckedConfig, trainer: dict[str, Any], optuna: bool
             "with devices=one, devices=model_parallel or devices=ddp devices.count=N, not trainer.devices or "
             "trainer.strategy",
         )
-
-
-def plain(section: Any) -> dict[str, Any]:
-    """A checked dataclass as a plain dict, enums as their string values."""
-    return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)
