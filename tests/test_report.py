@@ -117,15 +117,15 @@ def known_store(tmp_path: Path):
 
 
 def anova(z: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of a seeds x images matrix under the crossed random-effects model (the seeds'
-    mean square floored at the residual's, the images' part at 0)."""
+    """Mean and standard error of a seeds x images matrix under the crossed random-effects model (the images'
+    part floored at 0)."""
     s, i = z.shape
     grand = z.mean()
     ms_s = i * ((z.mean(1) - grand) ** 2).sum() / (s - 1)
     ms_i = s * ((z.mean(0) - grand) ** 2).sum() / (i - 1)
     resid = z - z.mean(1, keepdims=True) - z.mean(0, keepdims=True) + grand
     ms_e = (resid**2).sum() / ((s - 1) * (i - 1))
-    return grand, math.sqrt((max(ms_s, ms_e) + max(ms_i - ms_e, 0.0)) / (s * i))
+    return grand, math.sqrt((ms_s + max(ms_i - ms_e, 0.0)) / (s * i))
 
 
 def rows_of(rows, claim, metric="test/top1_err_1crop", width="0.25", epochs="6"):

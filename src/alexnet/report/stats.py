@@ -17,8 +17,8 @@ Components", 1992, ch. 4):
 
 where ``q = c' (X'X)^-1 c``, ``s2_run`` is the residual variance of the runs' error rates (seed noise plus
 what the images average away), ``theta_i`` the contrast on image i alone, and ``s2_e`` the run x image
-residual that both other terms contain (the image part, ``Var_i / I - q s2_e / I``, is floored at 0, the
-runs' part at ``q s2_e / I``). The
+residual that both other terms contain (the image part, ``Var_i / I - q s2_e / I``, is floored at 0; seeds
+that tie exactly keep ``q s2_e / I``). The
 interval is a t interval with the runs' residual degrees of freedom (seeds - 1 for a delta), not
 Satterthwaite's: those are estimated from the same seed part they weigh, so when a few seeds happen to
 agree the standard error shrinks and the degrees of freedom jump together, which put a null row's p-values
@@ -121,9 +121,10 @@ def crossed(y: np.ndarray, x: np.ndarray, contrast: np.ndarray, seeds: int) -> E
     s2_cells = float((cell * cell).sum()) / (df_res * images)  # estimates s2_run_noise + s2_e
     s2_e = max(0.0, (s2_cells - float(residual @ residual) / df_res) * images / (images - 1))
     c = q * s2_e / images
-    # The runs' part is never below what the test images' noise alone puts into each run's error rate (c):
-    # seeds that tie by chance would otherwise leave an interval of zero width.
-    run_part, image_part = max(a, c), max(b - c, 0.0)
+    image_part = max(b - c, 0.0)
+    # Seeds that tie exactly (a = 0) with no image part left would give a zero-width interval: their runs'
+    # part is then at least what the test images' noise alone puts into each run's error rate (c).
+    run_part = a if math.sqrt(a + image_part) > RELATIVE_TOLERANCE * max(scale, 1.0) else c
     return Estimate(
         mean, math.sqrt(run_part + image_part), float(df_res), seeds, run_part, image_part, "seeds x images",
         df_res, df_seed, scale,
