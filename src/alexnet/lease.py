@@ -191,6 +191,8 @@ def take_over(client: MlflowClient, previous: Run, held: Lease) -> None:
     held.run_id = run_id
     held.claim(client, holder)
     client.update_run(run_id, status="RUNNING")
+    if "error" in previous.data.tags:  # the killed attempt's: a run that now finishes must not keep it
+        client.delete_tag(run_id, "error")
     client.set_tag(run_id, "attempts", str(int(previous.data.tags.get("attempts", "1")) + 1))
     client.set_tag(run_id, "host", host())
 
