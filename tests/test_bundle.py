@@ -192,7 +192,8 @@ def test_a_page_from_a_bundle_is_made_again_byte_for_byte(store, tmp_path: Path,
     assert pages[0] == pages[1]
     text = pages[0][0].decode()
     made = (
-        f"`python src/report.py bundled --from {out.as_posix()}`, from the bundle {out.as_posix()} (17 runs)"
+        f"`python src/report.py bundled --from {out.as_posix()}`, from the bundle {out.as_posix()} "
+        "(17 runs of experiment bundled)"
     )
     assert f"{made}, exported 2020-01-02 03:04 UTC at commit `0123456789ab` from sqlite:///" in text
     assert "- machine: a lab box (where the bundle was exported)" in text
@@ -232,7 +233,8 @@ def test_bundles_and_a_store_merge_into_one_page(store, tmp_path: Path, capsys):
     assert twins["bundles"] == twins["bundle and store"] and '"figure1"' in twins["bundles"]
     made = pages["bundles"].read_text()
     assert (
-        f"--from {on.as_posix()} --from {off.as_posix()}`, from the bundle {on.as_posix()} (11 runs)" in made
+        f"--from {on.as_posix()} --from {off.as_posix()}`, from the bundle {on.as_posix()} "
+        "(11 runs of experiment bundled)" in made
     )
     made = pages["bundle and store"].read_text()
     assert f"--from {off.as_posix()} --tracking-uri {uri}` at commit" in made and f"; {uri}\n" in made

@@ -195,7 +195,7 @@ def test_machine_b_skips_a_live_run_then_takes_it_over_from_the_store(tmp_path: 
     # new best.ckpt, and a resumed job repeats the epochs since, whichever machine resumes it.)
     job = [
         *SMOKE,
-        "trainer.max_epochs=12",
+        "trainer.max_epochs=30",  # A must still be training when B, started under load, looks
         "logger.lease_seconds=1",
         "callbacks.model_checkpoint.monitor=null",
     ]

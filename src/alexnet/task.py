@@ -210,6 +210,8 @@ def entry(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         if cfg.get("optuna"):
             raise
         raise SystemExit(f"{err.label}: {redaction.mask_secrets(str(err))}") from None
+    except search.TrialPruned:  # the study's pruner at work, not an error: the sweeper needs it as it is
+        raise
     except Exception as err:  # a bug, or a library's error (MLflow's quote the URL): its traceback, masked
         text = redaction.mask_secrets("".join(traceback.format_exception(err)))
         message = redaction.mask_secrets(f"{type(err).__name__}: {err}")
