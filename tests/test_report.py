@@ -563,7 +563,7 @@ def test_a_design_without_a_whole_replicate_says_how_far_it_has_got(tmp_path: Pa
     rows, _ = make_report("design", uri, tmp_path / "out", log_to_mlflow=False)
     assert not [r for r in rows if r.claim.name == "factorial"]
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "max_epochs=6 (config" in md and ", seed 1: 3 of 16 design points finished" in md
+    assert "max_epochs=6, schedule=- (config" in md and ", seed 1: 3 of 16 design points finished" in md
     assert "seed 2:" not in md
 
 

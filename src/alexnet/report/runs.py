@@ -32,7 +32,14 @@ REPORT_TAG = "alexnet.report"
 # Runs that train nothing: a report, a sweep's parent, an Optuna study's summary.
 _NOT_TRAINING = (REPORT_TAG, SWEEP_TAG, "optuna.summary")
 # What a reader needs to tell contexts apart at a glance (the full parameter set decides).
-_CONTEXT_SUMMARY = ("model.arch", "data.dataset", "model.width", "data.train_size", "trainer.max_epochs")
+_CONTEXT_SUMMARY = (
+    "model.arch",
+    "data.dataset",
+    "model.width",
+    "data.train_size",
+    "trainer.max_epochs",
+    "optimizer.schedule",
+)
 # Per-run keys of a command line: what a sweep varies from job to job.
 _JOB_KEYS = ("seed", "arm", "design.run", "hydra.job.num")
 # The per-epoch metrics a report reads (Figure 1's curves, take-off epochs), in step order.
