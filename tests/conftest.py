@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -139,3 +143,15 @@ class TrainRun:
 @pytest.fixture
 def train_run(tmp_path: Path) -> TrainRun:
     return TrainRun(tmp_path)
+
+
+@contextmanager
+def scratch(prefix: str, mode: int = 0o711) -> Iterator[Path]:
+    """A short temporary folder that other users can reach (PostgreSQL's user; munged's socket with 0o755):
+    pytest's tmp_path is closed to them, and too long for a socket path."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(home, mode)
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

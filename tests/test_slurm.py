@@ -15,13 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import scratch
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +53,6 @@ _MISSING = _missing()
 if _MISSING and os.environ.get("ALEXNET_REQUIRE_SLURM") == "1":  # CI with SLURM: fail, not skip quietly
     raise RuntimeError(f"ALEXNET_REQUIRE_SLURM=1 but SLURM cannot run here: {_MISSING}")
 needs_slurm = pytest.mark.skipif(_MISSING is not None, reason=f"no SLURM: {_MISSING}")
-
-
-@contextmanager
-def scratch(prefix: str) -> Iterator[Path]:
-    """A short temporary folder that other users can enter (munged's socket; PostgreSQL's user)."""
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    os.chmod(home, 0o755)
-    try:
-        yield home
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def cluster_cmd(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -147,7 +136,7 @@ def test_stop_leaves_a_folder_it_did_not_make_alone(tmp_path: Path):
 def test_cluster_starts_once_runs_a_job_and_stops_clean():
     """start: the node idle and the export on stdout; again: reused; a batch job runs; stop: no daemon left,
     the folder gone; stop again: nothing to do."""
-    with scratch("slurm-") as home:
+    with scratch("slurm-", 0o755) as home:
         root = home / "c"
         with one_node_cluster(root) as env:
             assert env == {"SLURM_CONF": str(root / "slurm.conf")}
@@ -214,7 +203,7 @@ def test_lrn_sweep_through_slurm_resumes_requeued_jobs():
     SLURM runs the same job again and resume=auto continues its MLflow run from its last checkpoint: both
     runs end FINISHED, one run per config, attempts=2, every epoch of the curve once."""
     start = time.monotonic()
-    with scratch("slurm-") as home, one_node_cluster(home / "c") as env, tracking_server(home) as uri:
+    with scratch("slurm-", 0o755) as home, one_node_cluster(home / "c") as env, tracking_server(home) as uri:
         experiment = "slurm-lrn"
         folder = home / "sweep"
         folder.mkdir()

@@ -13,17 +13,15 @@ import importlib.util
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import scratch
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,17 +55,6 @@ _MISSING = _missing()
 if _MISSING and os.environ.get("ALEXNET_REQUIRE_POSTGRES"):  # CI with PostgreSQL: fail, not skip quietly
     raise RuntimeError(_MISSING)
 needs_postgres = pytest.mark.skipif(_MISSING is not None, reason=f"no PostgreSQL: {_MISSING}")
-
-
-@contextmanager
-def scratch(prefix: str) -> Iterator[Path]:
-    """A temporary folder PostgreSQL's user can reach (pytest's tmp_path is closed to other users)."""
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    os.chmod(home, 0o711)
-    try:
-        yield home
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def train_command(tmp: Path, *overrides: str, env: dict[str, str | None], multirun: bool = False):
