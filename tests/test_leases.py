@@ -181,6 +181,7 @@ def wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 300):
     return found
 
 
+@pytest.mark.slow  # timing: A must still be training when B has started; under load B can start too late
 def test_machine_b_skips_a_live_run_then_takes_it_over_from_the_store(tmp_path: Path, monkeypatch):
     """A trains; B (another host, its own folders, the same store) finds A's lease live and skips in one line,
     touching nothing. A is killed (SIGKILL); once its lease expires, B takes the run over, downloads A's last
