@@ -4,6 +4,7 @@ docs/team.md): each writer sends one training job's traffic, and every point is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -12,18 +13,13 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from team_services import (
-    ROLE,
-    MlflowServer,
-    Postgres,
-    TeamError,
-    free_port,
-    log,
-)
+from team_services import TeamError, log
 
 # --------------------------------------------------------------------------------------------------------
 # How many concurrent writers the server takes
@@ -150,40 +146,36 @@ def measure_writers(
     }
 
 
-def throwaway_setup(home: Path, workers: int) -> tuple[Postgres, MlflowServer]:
-    """A new cluster in ``home`` (trusting 127.0.0.1, no fsync) and a server on it, both running."""
-    pg = Postgres(home / "pg", free_port(), throwaway=True)
-    pg.init()
-    pg.start()
-    pg.ensure_role(ROLE, None)
-    pg.ensure_database("mlflow", ROLE)
-    server = MlflowServer(
-        pg.url("mlflow", ROLE, None), home / "artifacts", free_port(), workers=workers,
-        log_path=home / "mlflow.log",
-    )  # fmt: skip
-    server.start()
-    return pg, server
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table, to copy as printed (docs/team.md)."""
+    rows = [
+        "| writers | requests | seconds | requests/s | slowest request | runs read back | points read back "
+        "| lost | duplicated | incomplete runs | failed writers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['writers']} | {r['requests']} | {r['seconds']} | {r['requests_per_s']} | "
+            f"{r['max_latency_s']} s | {r['runs_found']} | {r['points_found']} of {r['points_expected']} | "
+            f"{r['points_lost']} | {r['points_duplicated']} | {r['incomplete_runs']} | {len(r['errors'])} |"
+        )
+    return "\n".join(rows)
 
 
-def cmd_writers(args: argparse.Namespace) -> int:
+def cmd_writers(args: argparse.Namespace, setup: Callable[[Path, int], AbstractContextManager[str]]) -> int:
+    """``setup(home, workers)``: a team setup as `start` makes it, in ``home``; what it yields (the server's
+    URI) is measured, then it is stopped and ``home`` deleted."""
     home = Path(tempfile.mkdtemp(prefix="alexnet-writers-"))
-    os.chmod(home, 0o711)
-    pg = server = None
+    os.chmod(home, 0o711)  # PostgreSQL's user passes through to its folder
+    results = []
     try:
-        if args.uri:
-            uri = args.uri
-        else:
-            log(f"A throwaway PostgreSQL cluster and MLflow server ({args.workers} workers) in {home}")
-            pg, server = throwaway_setup(home, args.workers)
-            uri = server.uri
-        for n in args.counts:
-            log(f"{n} concurrent writers, {args.steps} steps each ...")
-            result = measure_writers(uri, n, args.steps)
-            print(json.dumps(result), flush=True)
+        with contextlib.ExitStack() as stack:
+            uri = args.uri or stack.enter_context(setup(home, args.workers))
+            for n in args.counts:
+                log(f"{n} concurrent writers, {args.steps} steps each ...")
+                results.append(measure_writers(uri, n, args.steps))
+                print(json.dumps(results[-1]), flush=True)
     finally:
-        if server is not None:
-            server.stop()
-        if pg is not None:
-            pg.stop()
         shutil.rmtree(home, ignore_errors=True)
+    print(table(results), flush=True)
     return 0

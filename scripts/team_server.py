@@ -31,18 +31,20 @@ servers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import shlex
 import socket
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 # The script's own folder is on sys.path when it runs; the tests put it there to load it.
+from team_files import read_json, write_atomic
 from team_load import cmd_writers
 from team_services import (
     LOOPBACK,
@@ -51,6 +53,7 @@ from team_services import (
     MlflowServer,
     Postgres,
     TeamError,
+    free_port,
     log,
     port_in_use,
     stop_group,
@@ -60,6 +63,7 @@ from team_services import (
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = ROOT / ".team"
 DATABASES = ("mlflow", "optuna")
+DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
 
 # --------------------------------------------------------------------------------------------------------
 # The team setup: what `start`, `status` and `stop` keep in --root
@@ -100,16 +104,39 @@ class Team:
     def settings(self) -> Settings | None:
         if not self.settings_path.is_file():
             return None
-        return Settings(**json.loads(self.settings_path.read_text()))
+        fix = (
+            "delete it and run start again, naming the ports if not the defaults (--port-db, --port-mlflow); "
+            "the data stays"
+        )
+        values = read_json(self.settings_path, fix)
+        try:
+            s = Settings(**values)
+        except TypeError:
+            raise TeamError(
+                f"{self.settings_path} holds other keys than {[f.name for f in fields(Settings)]}: {fix}"
+            ) from None
+        if not all(isinstance(v, int) for v in (s.port_db, s.port_mlflow, s.workers)):
+            raise TeamError(f"{self.settings_path}: port_db, port_mlflow and workers must be numbers: {fix}")
+        return s
 
     def credentials(self) -> dict[str, str]:
         if not self.credentials_path.is_file():
             self.root.mkdir(parents=True, exist_ok=True)
             values = {"admin": secrets.token_urlsafe(24), ROLE: secrets.token_urlsafe(24)}
-            fd = os.open(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(values, f, indent=1)
-        return json.loads(self.credentials_path.read_text())
+            # Never there half-written (a crash between create and dump), never replaced: a second `start`
+            # at the same moment keeps the first one's passwords.
+            write_atomic(self.credentials_path, json.dumps(values, indent=1), mode=0o600, exclusive=True)
+        if (self.root / "pg" / "data" / "PG_VERSION").is_file():
+            fix = (
+                f"restore it from a backup: the cluster in {self.root / 'pg'} checks these passwords "
+                f"(or delete all of {self.root} to start afresh, which deletes its runs)"
+            )
+        else:
+            fix = "delete it: no cluster uses it yet, and start makes new passwords"
+        values = read_json(self.credentials_path, fix)
+        if not all(isinstance(values.get(key), str) and values[key] for key in ("admin", ROLE)):
+            raise TeamError(f"{self.credentials_path} lacks the passwords of admin and {ROLE}: {fix}")
+        return values
 
     def postgres(self, s: Settings) -> Postgres:
         kwargs = {"os_user": self._os_user} if self._os_user else {}
@@ -121,10 +148,10 @@ class Team:
         """The process group of the running MLflow server, if this root started one that still runs."""
         if not self.pid_path.is_file():
             return None
-        pid = int(self.pid_path.read_text().strip())
         try:
+            pid = int(self.pid_path.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
+        except (OSError, ValueError):  # gone, or an empty file from an older version killed mid-write
             return None
         return pid if "mlflow" in cmdline else None
 
@@ -134,10 +161,7 @@ class Team:
     def pgpass(self, s: Settings) -> Path:
         """The role's password for any host on ``s.port_db`` (mode 0600: libpq ignores a file others read)."""
         secret = self.credentials()[ROLE].replace("\\", "\\\\").replace(":", "\\:")
-        fd = os.open(self.pgpass_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"*:{s.port_db}:*:{ROLE}:{secret}\n")
-        os.chmod(self.pgpass_path, 0o600)
+        write_atomic(self.pgpass_path, f"*:{s.port_db}:*:{ROLE}:{secret}\n", mode=0o600)
         return self.pgpass_path
 
     def exports(self, s: Settings) -> list[str]:
@@ -165,7 +189,7 @@ class Team:
             s = Settings(**{k: v for k, v in requested.items() if v is not None})
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # PostgreSQL's user needs to pass through to pg/
-        self.settings_path.write_text(json.dumps(asdict(s), indent=1))
+        write_atomic(self.settings_path, json.dumps(asdict(s), indent=1))
         credentials = self.credentials()
         pg = self.postgres(s)
         if not pg.initialized():
@@ -175,6 +199,7 @@ class Team:
             log(f"PostgreSQL already runs on port {s.port_db}")
         else:
             log(f"Starting PostgreSQL on {s.host}:{s.port_db}")
+            pg.configure()  # this start's port and address, not the ones it was created with
             pg.start()
         pg.ensure_role(ROLE, credentials[ROLE])
         for database in DATABASES:
@@ -197,7 +222,7 @@ class Team:
                 raise TeamError(f"Port {s.port_mlflow} is taken: choose another with --port-mlflow.")
             log(f"Starting the MLflow server at {server.uri} (log {server.log_path}); about 30 s")
             proc = server.start(wait=None)
-            self.pid_path.write_text(str(proc.pid))
+            write_atomic(self.pid_path, str(proc.pid))
             seconds = wait_healthy(server.uri, 300, proc)
             log(f"The MLflow server answers after {seconds:.0f} s")
         log(
@@ -249,6 +274,22 @@ class Team:
         return db_up and healthy
 
 
+@contextlib.contextmanager
+def writers_setup(home: Path, workers: int) -> Iterator[str]:
+    """What `writers` measures: a team setup in ``home`` made by `start` itself, on free ports (PostgreSQL
+    durable, as its defaults are: fsync, synchronous_commit and full_page_writes on); its server's URI."""
+    team = Team(home / "team")
+    try:
+        s = team.start({"port_db": free_port(), "port_mlflow": free_port(), "workers": workers})
+        with team.postgres(s).connect() as conn:
+            durable = {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in DURABILITY}
+        shown = ", ".join(f"{k}={v}" for k, v in durable.items())
+        print(f"PostgreSQL {shown}; the MLflow server with {workers} workers", flush=True)
+        yield f"http://127.0.0.1:{s.port_mlflow}"
+    finally:
+        team.stop()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -269,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("--workers", type=int, default=None, help="MLflow server worker processes")
     sub.add_parser("status", help="what runs; prints the exports when everything does")
     sub.add_parser("stop", help="stop the MLflow server and PostgreSQL (the data stays)")
-    writers = sub.add_parser("writers", help="measure concurrent writers on a throwaway cluster and server")
+    writers = sub.add_parser("writers", help="measure concurrent writers on a new setup as start makes it")
     writers.add_argument("counts", type=int, nargs="+", help="numbers of concurrent writers, e.g. 8 16")
     writers.add_argument("--steps", type=int, default=100, help="metric batches per writer")
     writers.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -277,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "writers":
-            return cmd_writers(args)
+            return cmd_writers(args, writers_setup)
         team = Team(args.root, os_user=args.pg_user)
         if args.command == "start":
             requested = {

@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from team_files import TeamError, write_atomic
+
 PG_MAJOR = 15
 DRIVER = "postgresql+psycopg"  # SQLAlchemy's dialect for psycopg 3 (pip install -e ".[team]")
 ROLE = "alexnet"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class TeamError(RuntimeError):
-    """Something a person can fix; printed as one line."""
 
 
 def log(message: str) -> None:
@@ -87,6 +85,21 @@ def _listen_addresses(host: str) -> str:
     if host in ("0.0.0.0", "::", "*"):
         return "*"
     return host if host in LOOPBACK else f"127.0.0.1,{host}"
+
+
+CONF_MARK = "\n# scripts/team_server.py\n"  # what follows it in postgresql.conf is this script's
+HBA_REMOTE = [
+    "# scripts/team_server.py: other machines, with a password",
+    "host all all 0.0.0.0/0 scram-sha-256",
+    "host all all ::/0 scram-sha-256",
+]
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace a file of the cluster at once, keeping its owner (PostgreSQL's user) and mode."""
+    st = path.stat()
+    if path.read_text() != text:
+        write_atomic(path, text, mode=st.st_mode & 0o777, owner=(st.st_uid, st.st_gid))
 
 
 @dataclass
@@ -162,6 +175,12 @@ class Postgres:
         finally:
             if pwfile is not None:
                 pwfile.unlink(missing_ok=True)
+        self.configure()
+
+    def configure(self) -> None:
+        """Write the server settings (address, port, no Unix socket) into postgresql.conf, replacing those
+        of an earlier start: the port and address are the ones of this start (`start --port-db N` after
+        `stop`), not the ones the cluster was created with. Only while the cluster is stopped."""
         settings = {
             "listen_addresses": f"'{_listen_addresses(self.host)}'",
             "port": str(self.port),
@@ -169,15 +188,17 @@ class Postgres:
             "unix_socket_directories": "''",
             "max_connections": "200",  # MLflow workers' pools + one engine per Optuna process
         }
-        if self.throwaway:
+        if self.throwaway:  # tests only: a crash loses the cluster, which they delete anyway
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-        with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# scripts/team_server.py\n")
-            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
-        if self.host not in LOOPBACK:
-            with (self.data_dir / "pg_hba.conf").open("a") as hba:
-                hba.write("# scripts/team_server.py: other machines, with a password\n")
-                hba.write("host all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n")
+        conf = self.data_dir / "postgresql.conf"
+        head = conf.read_text().partition(CONF_MARK)[0]
+        ours = "".join(f"{key} = {value}\n" for key, value in settings.items())
+        _rewrite(conf, head + CONF_MARK + ours)
+        hba = self.data_dir / "pg_hba.conf"
+        lines = [line for line in hba.read_text().splitlines() if line not in HBA_REMOTE]
+        if self.host not in LOOPBACK:  # other machines, with a password
+            lines += HBA_REMOTE
+        _rewrite(hba, "\n".join(lines) + "\n")
 
     def running(self) -> bool:
         return (
