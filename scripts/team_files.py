@@ -69,3 +69,10 @@ def read_json(path: Path, fix: str) -> dict[str, Any]:
             return value
         problem = f"holds a {type(value).__name__}, not an object"
     raise TeamError(f"{path} {problem}: {fix}")
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Replace a file at once, keeping its owner and mode (PostgreSQL's configuration, written as root)."""
+    st = path.stat()
+    if path.read_text() != text:
+        write_atomic(path, text, mode=st.st_mode & 0o777, owner=(st.st_uid, st.st_gid))

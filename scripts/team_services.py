@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from team_files import TeamError, write_atomic
+from team_files import TeamError, rewrite
 
 PG_MAJOR = 15
 DRIVER = "postgresql+psycopg"  # SQLAlchemy's dialect for psycopg 3 (pip install -e ".[team]")
@@ -93,13 +93,6 @@ HBA_REMOTE = [
     "host all all 0.0.0.0/0 scram-sha-256",
     "host all all ::/0 scram-sha-256",
 ]
-
-
-def _rewrite(path: Path, text: str) -> None:
-    """Replace a file of the cluster at once, keeping its owner (PostgreSQL's user) and mode."""
-    st = path.stat()
-    if path.read_text() != text:
-        write_atomic(path, text, mode=st.st_mode & 0o777, owner=(st.st_uid, st.st_gid))
 
 
 @dataclass
@@ -186,19 +179,20 @@ class Postgres:
             "port": str(self.port),
             # No Unix socket: its path would have to be short and writable; every client uses TCP.
             "unix_socket_directories": "''",
-            "max_connections": "200",  # MLflow workers' pools + one engine per Optuna process
+            # Each MLflow worker's pool (up to POOL_SIZE + MAX_OVERFLOW), an engine per Optuna process, admin.
+            "max_connections": "300",
         }
         if self.throwaway:  # tests only: a crash loses the cluster, which they delete anyway
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         conf = self.data_dir / "postgresql.conf"
         head = conf.read_text().partition(CONF_MARK)[0]
         ours = "".join(f"{key} = {value}\n" for key, value in settings.items())
-        _rewrite(conf, head + CONF_MARK + ours)
+        rewrite(conf, head + CONF_MARK + ours)
         hba = self.data_dir / "pg_hba.conf"
         lines = [line for line in hba.read_text().splitlines() if line not in HBA_REMOTE]
         if self.host not in LOOPBACK:  # other machines, with a password
             lines += HBA_REMOTE
-        _rewrite(hba, "\n".join(lines) + "\n")
+        rewrite(hba, "\n".join(lines) + "\n")
 
     def running(self) -> bool:
         return (
@@ -300,6 +294,13 @@ def wait_healthy(uri: str, timeout: float = 180, proc: subprocess.Popen | None =
         time.sleep(0.3)
 
 
+# Each server worker runs up to 40 requests at once (anyio's thread pool under uvicorn); SQLAlchemy's default
+# pool gives them 15 connections, and a request that waits 30 s for one fails with 400 ("QueuePool limit of
+# size 5 overflow 10 reached"), which the client does not retry: 64 writers on 2 busy cores lost points so
+# (docs/team.md, "How many writers at once"). 40 connections a worker: no request waits for one.
+SERVER_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "20", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "20"}
+
+
 @dataclass
 class MlflowServer:
     """``mlflow server`` on ``backend_uri`` (a database URL, given through the environment), storing
@@ -330,6 +331,7 @@ class MlflowServer:
         workers), logging to ``log_path``; with ``wait``, return once it answers."""
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         env = {
+            **SERVER_POOL,  # unless the environment says otherwise
             **os.environ,
             "MLFLOW_BACKEND_STORE_URI": self.backend_uri,  # not argv: `ps` shows argv to everyone
             # No GenAI job runner: one process less, and nothing of it is used here.
