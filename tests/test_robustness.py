@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alexnet.config import DataConfig, Dataset
@@ -49,11 +50,17 @@ def test_killed_job_resumes_into_the_same_run_with_the_same_result(train_run, tm
 
 
 def test_rerunning_a_finished_job_trains_nothing(train_run):
-    train_run("experiment=smoke")
-    proc = train_run("experiment=smoke")
+    # A rate too small to change an error: only the first epoch makes a new best.ckpt.
+    job = ("experiment=smoke", "trainer.max_epochs=3", "optimizer.lr=1e-12", "optimizer.min_lr=0")
+    train_run(*job)
+    (run,) = train_run.runs()
+    folder = train_run.tmp / "checkpoints" / run.info.run_id
+    epoch = {name: torch.load(folder / name, weights_only=True)["epoch"] for name in ("best.ckpt", "last.ckpt")}
+    assert epoch == {"best.ckpt": 0, "last.ckpt": 2}  # last.ckpt every epoch, for a resume to lose none
+    proc = train_run(*job)
     assert "not training it again" in proc.stdout + proc.stderr
     assert len(train_run.runs()) == 1
-    train_run("experiment=smoke", "resume=never")
+    train_run(*job, "resume=never")
     assert len(train_run.runs()) == 2
 
 

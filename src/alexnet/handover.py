@@ -29,7 +29,7 @@ from alexnet.redaction import mask_secrets
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "alexnet.checkpoint"
-LAST = "last.ckpt"
+LAST, BEST = "last.ckpt", "best.ckpt"  # conf/callbacks/default.yaml
 
 
 def enabled(setting: Any, uri: str) -> bool:
@@ -66,28 +66,28 @@ class Uploader:
     """``RunLogger.after_save_checkpoint``: the run's last.ckpt (and a changed best.ckpt) into the store."""
 
     def __init__(self, client: MlflowClient, run_id: str, folder: Path):
-        self.client, self.run_id = client, run_id
+        self.client, self.run_id, self.folder = client, run_id, folder
         self.manifest = manifest_of(client.get_run(run_id)) or {"files": {}}  # a resumed run's copies
         # What the folder holds already (a resumed or downloaded checkpoint) is in the store already.
-        self.sent = {name: _stamp(folder / name) for name in (LAST, "best.ckpt")}
+        self.sent = {name: _stamp(folder / name) for name in (LAST, BEST)}
 
     def __call__(self, callback: ModelCheckpoint) -> None:
-        last = callback.last_model_path
-        # Called after every save: act after last.ckpt's, the epoch's last one.
-        if not last or Path(last).name != LAST or _stamp(last) in (None, self.sent.get(LAST)):
+        # Called after every callback's save: act once last.ckpt is new (conf/callbacks: saved after best.ckpt).
+        last = self.folder / LAST
+        if _stamp(last) in (None, self.sent.get(LAST)):
             return
         files = dict(self.manifest["files"])
         try:
-            for role, path in (("last", last), ("best", callback.best_model_path)):
-                stamp = _stamp(path) if path else None
-                if stamp is None or (role == "best" and stamp == self.sent.get(Path(path).name)):
+            for role, name in (("last", LAST), ("best", BEST)):
+                path = self.folder / name
+                stamp = _stamp(path)
+                if stamp is None or stamp == self.sent.get(name):
                     continue
                 slot = 1 - files.get(role, {}).get("slot", 1)
-                self.client.log_artifact(self.run_id, path, f"checkpoint/{slot}")
-                files[role] = {"artifact": f"checkpoint/{slot}/{Path(path).name}", "slot": slot}
-                self.sent[Path(path).name] = stamp
-            step = _step(Path(last))
-            self.manifest = {"dir": callback.dirpath, "step": step, "files": files}
+                self.client.log_artifact(self.run_id, str(path), f"checkpoint/{slot}")
+                files[role] = {"artifact": f"checkpoint/{slot}/{name}", "slot": slot}
+                self.sent[name] = stamp
+            self.manifest = {"dir": callback.dirpath, "step": _step(last), "files": files}
             self.client.set_tag(self.run_id, CHECKPOINT_TAG, json.dumps(self.manifest))
         except (OSError, MlflowException) as err:  # the store keeps the previous copy; training goes on
             log.warning("Could not upload the checkpoint of run %s: %s", self.run_id, mask_secrets(str(err)))

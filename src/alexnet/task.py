@@ -105,7 +105,7 @@ class Parts:
     datamodule: AlexNetDataModule
     module: AlexNetModule
     trainer: L.Trainer
-    checkpoints: ModelCheckpoint | None  # None when ~callbacks.model_checkpoint removed it
+    checkpoints: ModelCheckpoint | None  # the best.ckpt callback; None when ~callbacks.model_checkpoint
 
 
 def build(
@@ -133,7 +133,7 @@ def build(
     for node in (cfg.get("callbacks") or {}).values():  # the checkpoints go to the run's own folder
         where = {"dirpath": str(checkpoint_dir)} if str(node._target_).endswith("ModelCheckpoint") else {}
         callbacks.append(hydra.utils.instantiate(node, **where))
-    checkpoints = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoints = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     if logger is None:  # callbacks that log need a logger: rank 0's job
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     else:
