@@ -55,7 +55,7 @@ def test_rerunning_a_finished_job_trains_nothing(train_run):
     train_run(*job)
     (run,) = train_run.runs()
     folder = train_run.tmp / "checkpoints" / run.info.run_id
-    epoch = {name: torch.load(folder / name, weights_only=True)["epoch"] for name in ("best.ckpt", "last.ckpt")}
+    epoch = {f: torch.load(folder / f, weights_only=True)["epoch"] for f in ("best.ckpt", "last.ckpt")}
     assert epoch == {"best.ckpt": 0, "last.ckpt": 2}  # last.ckpt every epoch, for a resume to lose none
     proc = train_run(*job)
     assert "not training it again" in proc.stdout + proc.stderr

@@ -72,7 +72,7 @@ class Uploader:
         self.sent = {name: _stamp(folder / name) for name in (LAST, BEST)}
 
     def __call__(self, callback: ModelCheckpoint) -> None:
-        # Called after every callback's save: act once last.ckpt is new (conf/callbacks: saved after best.ckpt).
+        # Called after each callback's save: act once last.ckpt is new (conf/callbacks saves it after best).
         last = self.folder / LAST
         if _stamp(last) in (None, self.sent.get(LAST)):
             return
