@@ -22,7 +22,7 @@ from alexnet.errors import ReportError
 from alexnet.report import bundle
 from alexnet.report.analysis import analyse
 from alexnet.report.claims import load_claims
-from alexnet.report.cli import ROOT, main, make_report
+from alexnet.report.cli import README_END, README_START, ROOT, main, make_report
 from alexnet.report.rows import Settings
 from alexnet.report.runs import HISTORY, fetch_runs, load_outcomes
 from alexnet.tracking import OUTCOMES_ARTIFACT, git_commit, labels_digest
@@ -335,6 +335,22 @@ def test_the_results_page_is_made_again_from_the_committed_bundle(tmp_path: Path
         assert f"--from {folder.relative_to(ROOT).as_posix()}" in line
         made = tmp_path / folder.name / committed.name
         made.parent.mkdir()
-        assert main([*command[2:], "--page", str(made), "--no-log", "--out", str(made.parent / "out")]) == 0
+        readme = made.parent / "README.md"  # the README's table of primary rows, made again beside it
+        readme.write_text(README_START + "\n| stale |\n" + README_END + "\n")
+        args = ["--page", str(made), "--readme", str(readme), "--no-log", "--out", str(made.parent / "out")]
+        assert main([*command[2:], *args]) == 0
         assert made.read_bytes() == committed.read_bytes(), f"{page} is not what {folder} makes"
         assert made.with_suffix(".json").read_bytes() == committed.with_suffix(".json").read_bytes()
+        if page == "docs/results.md":
+            assert readme.read_text() in (ROOT / "README.md").read_text(), "README's table is not the page's"
+
+
+def test_a_readme_without_the_table_markers_is_one_line_before_anything_is_read(tmp_path: Path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# My fork\n")
+    store = f"sqlite:///{tmp_path / 'absent.db'}"
+    assert main(["ablation_cpu", "--tracking-uri", store, "--readme", str(readme), "--no-log"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert README_START in line and README_END in line and str(readme) in line
+    assert not (tmp_path / "absent.db").exists()  # nothing was opened
+    assert readme.read_text() == "# My fork\n"

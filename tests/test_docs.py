@@ -104,21 +104,6 @@ def test_the_results_page_names_the_command_and_n_of_every_row():
         assert claim["title"] in page, claim["title"]
 
 
-def test_the_readme_results_are_the_pages():
-    """The README's summary of the results is copied from docs/results.md, never typed anew: each of its
-    intervals is a row of the page with the same verdicts before and after Holm."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## What the CPU scale found", 1)[1].split("\n## ", 1)[0]
-    page = (ROOT / "docs" / "results.md").read_text().splitlines()
-    page_rows = [line for line in page if line.startswith("|")]
-    summary = [line for line in section.splitlines() if re.match(r"^\| .* \| [-+]\d+\.\d\d \[", line)]
-    assert summary, "the README's results table has no rows"
-    for line in summary:
-        _, _, ours, verdict, holm = [c.strip() for c in line.strip().strip("|").split("|")]
-        verdicts = f"| **{verdict}** | **{holm}** |"
-        assert any(f"| {ours} |" in row and verdicts in row for row in page_rows), line
-
-
 # The prose that reports results: each of its numbers is checked against the page it comes from.
 RESULT_PROSE = {"README.md": "## What the CPU scale found", "docs/protocol.md": "## The annealed protocol"}
 

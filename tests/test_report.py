@@ -690,3 +690,34 @@ def test_take_off_says_when_each_arm_started_to_learn():
     (note,) = take_off(paper, late, [1, 2])
     assert "seed 1: 2 and 3" in note and "how fast each arm got going" in note
     assert take_off({1: run([])}, {1: run([])}, [1]) == []
+
+
+def test_the_page_says_which_runs_each_commit_made():
+    from alexnet.report.document import provenance
+    from alexnet.report.runs import RunRecord
+
+    hour = 3_600_000
+    start = 1_795_000_000_000  # 2026-11-18 11:06 UTC
+    made = [("a" * 40, 0), ("a" * 40, 1), ("b" * 40 + "-dirty", 2)]
+    runs = [
+        RunRecord(
+            f"r{i}",
+            f"r{i}",
+            "FINISHED",
+            1,
+            start + i * hour,
+            start + (i + 1) * hour,
+            {},
+            {},
+            {"git_commit": c},
+        )
+        for c, i in made
+    ]
+    (bullets,) = provenance(runs, {})
+    assert bullets.items[0].startswith("3 training runs (3 finished)") and "3.0 hours" in bullets.items[0]
+    assert bullets.items[1:] == [
+        "commit `aaaaaaaaaaaa`: 2 runs, 2026-11-18 11:06 to 2026-11-18 13:06 UTC",
+        "commit `bbbbbbbbbbbb-dirty`: 1 runs, 2026-11-18 13:06 to 2026-11-18 14:06 UTC",
+    ]
+    (one,) = provenance(runs[:2], {})
+    assert len(one.items) == 1  # one commit: the first line names it

@@ -63,15 +63,18 @@ def make_report(
     ended_before: datetime | None = None,
     bundles: Sequence[Path] = (),
     allow_seeds_only: bool = False,
+    readme: Path | None = None,
 ) -> tuple[list[Row], list[RunRecord]]:
     """The report of ``experiment``'s runs in ``bundles`` and in the store at ``tracking_uri`` (None: the
-    bundles alone), de-duplicated by run id; the page (and its ``.json`` twin) too, given ``page``."""
+    bundles alone), de-duplicated by run id; the page (and its ``.json`` twin) too, given ``page``, and the
+    primary rows' table between the markers of ``readme``."""
     settings = settings or Settings()
     claims = read_claims(claims_file)  # every mistake of the user's is found before anything is read
     query = search_filter(filter_string, ended_before)
     check_filter(query)
     if page is not None and page.suffix == ".json":
         raise ReportError(f"--page {page}: the page is Markdown, and its .json twin goes beside it")
+    readme_text = _readme_parts(readme) if readme is not None else None
     # Bundles of other experiments may join (a pilot's runs at this protocol, another machine's store): the
     # runs' configs decide what is compared, and the page names every bundle with its experiment.
     headers = {path: bundle.read_header(path) for path in bundles}
@@ -104,10 +107,32 @@ def make_report(
             section.blocks = [b for b in section.blocks if not isinstance(b, render.Image)]
         page.write_text(render.markdown(doc))
         page.with_suffix(".json").write_text(bundle.page_json(rows))
+    if readme is not None:
+        before, after = readme_text
+        table = "\n".join(render.table_lines(document.primary_table(rows)))
+        readme.write_text(f"{before}{README_START}\n{table}\n{after}")
     (out / "claims.yaml").write_text(Path(claims_file).read_text())
     if log_to_mlflow and store is not None:  # bundles alone: no store to log the report into
         _log_report_run(*store, out, rows, records)
     return rows, records
+
+
+README_START, README_END = "<!-- primary rows: report.py --readme -->", "<!-- end of primary rows -->"
+
+
+def _readme_parts(readme: Path) -> tuple[str, str]:
+    """The text before the README's table and from its end marker on (the table goes between)."""
+    try:
+        text = readme.read_text()
+    except OSError as err:
+        raise ReportError(f"--readme {readme}: cannot read it ({err.strerror})") from None
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ReportError(
+            f"--readme {readme}: no table markers; put the lines {README_START} and {README_END} where "
+            "the table of primary rows goes"
+        )
+    return text[:start], text[end:]
 
 
 def _read_runs(
@@ -270,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "JSON beside it (.json)"
     )  # fmt: skip
     parser.add_argument(
+        "--readme", type=Path, help="also write every section's primary rows as a table into this file, "
+        f"between its lines {README_START} and {README_END}"
+    )  # fmt: skip
+    parser.add_argument(
         "--ended-before", type=_utc_time, metavar="UTC", help="read only the runs that had ended (finished, "
         "failed or killed) by this UTC time, e.g. 2026-11-30T00:09: the page as it stood then, made again "
         "from a store that has grown since"
@@ -282,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows, runs = make_report(
             args.experiment, uri, out, args.claims, args.filter, not args.no_log, settings, args.page,
-            args.ended_before, args.bundles, args.allow_seeds_only,
+            args.ended_before, args.bundles, args.allow_seeds_only, args.readme,
         )  # fmt: skip
     except UserError as err:
         print(f"report: {mask_secrets(str(err))}", file=sys.stderr)
@@ -291,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{len(runs)} runs read. The report: {out / 'report.md'} (and report.html, with the plots)")
     if args.page is not None:
         print(f"The page: {args.page} (and {args.page.with_suffix('.json')})")
+    if args.readme is not None:
+        print(f"The primary rows' table: {args.readme}")
     if uri is None and not args.no_log:
         print("Not logged to MLflow: the runs came from bundles alone (add --tracking-uri to log it there)")
     return 0

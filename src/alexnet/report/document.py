@@ -88,6 +88,17 @@ def _n(row: Row) -> str:
     return f"{row.estimate.n}{lost}"
 
 
+def primary_table(rows: list[Row]) -> Table:
+    """Every section's primary rows, as the README copies them (``report.py --readme``)."""
+    several = len(sections(rows)) > 1
+    header = ["claim (§)", "seeds", "paper", "ours, mean [95% CI]", "verdict", "after Holm"]
+    body = []
+    for row in (r for r in rows if r.primary):
+        cells = [f"{row.claim.title} ({row.claim.section})", _n(row), _paper(row), _ours(row)]
+        body.append([*([row.section] if several else []), *cells, row.verdict, row.adjusted_verdict])
+    return Table([*(["runs with"] if several else []), *header], body)
+
+
 def verdict_table(rows: list[Row]) -> Table:
     header = [
         "claim",
@@ -163,16 +174,20 @@ def _hours_needed(row: Row) -> str:
 
 def provenance(runs: list[RunRecord], made_by: dict[str, str]) -> list:
     """Where the numbers come from: the runs (their code, their dates, their time) and this report."""
-    tags = {r.tags.get("git_commit", "unknown") for r in runs}
-    commits = sorted(t[:12] + ("-dirty" if t.endswith("-dirty") else "") for t in tags)
+    day = lambda ms: datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    span = lambda rs: f"{day(min(r.start for r in rs))} to {day(max(r.end or r.start for r in rs))} UTC"  # noqa: E731
+    by_commit: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        tag = r.tags.get("git_commit", "unknown")
+        by_commit[tag[:12] + ("-dirty" if tag.endswith("-dirty") else "")].append(r)
     finished = [r for r in runs if r.finished and r.end]
     hours = sum((r.end - r.start) for r in finished) / 3_600_000
-    first, last = min(r.start for r in runs), max(r.end or r.start for r in runs)
-    day = lambda ms: datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
-    made = f"{len(runs)} training runs ({len(finished)} finished), made {day(first)} to {day(last)} UTC"
-    code = "by commit(s) " + ", ".join(f"`{c}`" for c in commits)
+    made = f"{len(runs)} training runs ({len(finished)} finished), made {span(runs)}"
+    code = "by commit(s) " + ", ".join(f"`{c}`" for c in sorted(by_commit))
     time = f"{hours:.1f} hours of training in all (their MLflow start and end times)"
-    return [Bullets([f"{made} {code}; {time}", *(f"{key}: {value}" for key, value in made_by.items())])]
+    each = [f"commit `{c}`: {len(rs)} runs, {span(rs)}" for c, rs in sorted(by_commit.items())]
+    lines = [f"{made} {code}; {time}", *(each if len(each) > 1 else [])]
+    return [Bullets([*lines, *(f"{key}: {value}" for key, value in made_by.items())])]
 
 
 def build(

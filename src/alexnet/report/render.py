@@ -46,15 +46,18 @@ def _cell(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")
 
 
+def table_lines(table: Table) -> list[str]:
+    head = ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+    return head + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
+
+
 def markdown(doc: Document) -> str:
     lines = [f"# {doc.title}", ""]
     for section in doc.sections:
         lines += [f"{'#' * section.level} {section.title}", ""]
         for block in section.blocks:
             if isinstance(block, Table):
-                lines.append("| " + " | ".join(block.header) + " |")
-                lines.append("|" + "---|" * len(block.header))
-                lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in block.rows]
+                lines += table_lines(block)
             elif isinstance(block, Bullets):
                 lines += [f"- {item}" for item in block.items]
             elif isinstance(block, Image):
