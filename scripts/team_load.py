@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from team_services import TeamError, log
+from team_services import NO_TELEMETRY, TeamError, log
 
 # --------------------------------------------------------------------------------------------------------
 # How many concurrent writers the server takes
@@ -42,6 +42,8 @@ def _writer(uri: str, experiment_id: str, index: int, steps: int, ready, go, res
     from mlflow.entities import Metric, Param
 
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # no "View run ..." lines per writer
+    for key, value in NO_TELEMETRY.items():  # as in the jobs, which get it from `start`'s exports
+        os.environ.setdefault(key, value)
     result = WriterResult(index)
     client = MlflowClient(uri)
     ready.put(index)

@@ -14,6 +14,7 @@ to export, which hold no password:
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
     export OPTUNA_STORAGE=postgresql+psycopg://alexnet@127.0.0.1:5432/optuna
     export PGPASSFILE=/path/to/.team/pgpass
+    export MLFLOW_DISABLE_TELEMETRY=true
 
 Running ``start`` again reuses what runs. The passwords live in ``--root``/credentials.json (mode 0600); the
 role's is also in ``--root``/pgpass (0600, PostgreSQL's password file format), where libpq (under psycopg)
@@ -48,6 +49,7 @@ from team_files import read_json, write_atomic
 from team_load import cmd_writers
 from team_services import (
     LOOPBACK,
+    NO_TELEMETRY,
     PG_MAJOR,
     ROLE,
     MlflowServer,
@@ -172,6 +174,7 @@ class Team:
             f"export MLFLOW_TRACKING_URI=http://{host}:{s.port_mlflow}",
             f"export OPTUNA_STORAGE={storage}",
             f"export PGPASSFILE={shlex.quote(str(self.pgpass(s)))}",
+            *(f"export {key}={value}" for key, value in NO_TELEMETRY.items()),
         ]
 
     def start(self, requested: dict[str, Any]) -> Settings:

@@ -294,11 +294,16 @@ def wait_healthy(uri: str, timeout: float = 180, proc: subprocess.Popen | None =
         time.sleep(0.3)
 
 
-# Each server worker runs up to 40 requests at once (anyio's thread pool under uvicorn); SQLAlchemy's default
-# pool gives them 15 connections, and a request that waits 30 s for one fails with 400 ("QueuePool limit of
-# size 5 overflow 10 reached"), which the client does not retry: 64 writers on 2 busy cores lost points so
-# (docs/team.md, "How many writers at once"). 40 connections a worker: no request waits for one.
-SERVER_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "20", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "20"}
+# MLflow's telemetry off, in the server and the jobs (`start` exports it): offline, its thread fails to fetch
+# its config and then takes a variable out of os.environ while a request reads os.environ for proxies, which
+# fails that request, unretried ("failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'": 2 of 32 writers).
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+# A server worker runs up to 40 requests at once (anyio's threads under uvicorn); SQLAlchemy's default pool of
+# 15 connections made requests wait 30 s and fail with 400 ("QueuePool limit of size 5 overflow 10 reached"),
+# unretried, at 64 writers. 40 connections a worker: none waits for one (docs/team.md, writers).
+SERVER_DEFAULTS = {
+    "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "20", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "20", **NO_TELEMETRY
+}  # fmt: skip
 
 
 @dataclass
@@ -331,7 +336,7 @@ class MlflowServer:
         workers), logging to ``log_path``; with ``wait``, return once it answers."""
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         env = {
-            **SERVER_POOL,  # unless the environment says otherwise
+            **SERVER_DEFAULTS,  # unless the environment says otherwise
             **os.environ,
             "MLFLOW_BACKEND_STORE_URI": self.backend_uri,  # not argv: `ps` shows argv to everyone
             # No GenAI job runner: one process less, and nothing of it is used here.
