@@ -134,7 +134,7 @@ class Team:
                 f"(or delete all of {self.root} to start afresh, which deletes its runs)"
             )
         else:
-            fix = "delete it: no cluster uses it yet, and start makes new passwords"
+            fix = "delete it; no cluster uses it yet, and start makes new passwords"
         values = read_json(self.credentials_path, fix)
         if not all(isinstance(values.get(key), str) and values[key] for key in ("admin", ROLE)):
             raise TeamError(f"{self.credentials_path} lacks the passwords of admin and {ROLE}: {fix}")
