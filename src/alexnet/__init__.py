@@ -13,3 +13,9 @@
 - ``report``: the measured-vs-reported report (claims, runs, statistics, analysis, rendering)
 - ``errors``: the mistakes a person fixes, reported in one line
 """
+
+import os
+
+# Offline, MLflow's telemetry thread removes a variable from os.environ while a request of this process reads
+# it, failing that request unretried (docs/team.md: 2 of 32 writers lost points). Off unless the user says.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
