@@ -117,6 +117,21 @@ def test_a_dead_process_on_this_machine_frees_its_lease_at_once(monkeypatch):
     assert elsewhere.expired(now + 181)
 
 
+def test_a_requeued_slurm_job_takes_its_own_lease_over_at_once_on_any_node(monkeypatch):
+    as_host(monkeypatch, "node-2")
+    now = time.time()
+    first_attempt = lease.Holder("node-1", 4242, now, now, 60.0, "t", slurm=["81", 0])
+    monkeypatch.setenv("SLURM_JOB_ID", "81")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # scontrol requeue 81: the same job, attempt 2
+    assert first_attempt.expired()
+    assert not lease.Holder("node-1", 4242, now, now, 60.0, "t", slurm=["80", 0]).expired()  # another job
+    assert not lease.Holder("node-1", 4242, now, now, 60.0, "t", slurm=["81", 1]).expired()  # this attempt's
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert not first_attempt.expired()  # SLURM's first attempt of 81 cannot be gone while it asks
+    held = lease.Lease("sqlite://", 60.0)
+    assert json.loads(held.value())["slurm"] == ["81", 0]
+
+
 def test_two_machines_creating_one_configuration_keep_one_run(store, monkeypatch):
     uri, exp = store
     client = MlflowClient(uri)

@@ -5,7 +5,9 @@ A job that trains a run holds its lease: the run's tag ``alexnet.lease`` says wh
 and when it last beat; a daemon thread beats every ``logger.lease_seconds``. Another job with the same
 configuration leaves a run with a live lease alone (``Held``: the job is skipped, nothing is touched), and
 takes over a run whose lease expired (``MISSED_BEATS`` beats missed: its machine died or lost the network)
-or whose holder on this same machine is gone. Expiry compares the machines' clocks: keep them in sync (NTP).
+or whose holder on this same machine is gone, or whose SLURM job was requeued as the job now asking
+(``scontrol requeue``, a node failure: the new attempt need not wait out the beats). Expiry compares the
+machines' clocks: keep them in sync (NTP).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def host() -> str:
     return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
+def slurm_attempt() -> tuple[str, int] | None:
+    """This process's SLURM job and how often SLURM has requeued it (None outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return (job, int(os.environ.get("SLURM_RESTART_COUNT") or 0)) if job else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -74,6 +82,7 @@ class Holder:
     beat: float
     seconds: float
     token: str
+    slurm: list | None = None  # [job id, restart count] when SLURM ran the holder (JSON has no tuples)
 
     @classmethod
     def of(cls, run: Run) -> Holder | None:
@@ -92,6 +101,9 @@ class Holder:
     def expired(self, now: float | None = None) -> bool:
         if self.host == host() and (self.pid == os.getpid() or not _alive(self.pid)):
             return True  # its process on this machine is gone: no need to wait for the beats
+        mine = slurm_attempt()
+        if self.slurm and mine and mine[0] == self.slurm[0] and mine[1] > self.slurm[1]:
+            return True  # SLURM requeued the holder's job as this one, on any node: that attempt is gone
         return (time.time() if now is None else now) - self.beat > self.expiry
 
     def __str__(self) -> str:
@@ -113,7 +125,7 @@ class Lease:
 
     def value(self) -> str:
         holder = {"host": host(), "pid": os.getpid(), "since": self.since, "beat": time.time(),
-                  "seconds": self.seconds, "token": self.token}  # fmt: skip
+                  "seconds": self.seconds, "token": self.token, "slurm": slurm_attempt()}  # fmt: skip
         return json.dumps(holder)
 
     def claim(self, client: MlflowClient, previous: Holder | None) -> None:
