@@ -4,6 +4,8 @@
   weight decay 5e-4, a few untimed warm-up steps, then timed steps; optionally under autocast, with the
   devices synchronised around the timed span (a GPU runs asynchronously: without it the clock would stop
   before the work does).
+- ``step_speed``: the same for any step function (a compiled one, say); ``matmul_peak``: the GFLOP/s of a
+  large fp32 matrix product, the machine's peak to hold a step's GFLOP/s against.
 - ``interleave``: several such measurements, each once per round in the same order, so that noise from
   other work on the machine hits every setup alike; ``medians`` summarises the rounds.
 - ``machine``: the line that says where the numbers were measured.
@@ -64,6 +66,17 @@ def sgd_steps(
         loss.backward()
         optimizer.step()
 
+    return step_speed(step, len(x), steps=steps, warmup=warmup, device=device)
+
+
+def step_speed(
+    step: Callable[[], object], batch: int, *, steps: int, warmup: int = 2, device: torch.device | str = "cpu"
+) -> Measure:
+    """A measurement to repeat: images/s of ``steps`` calls of ``step`` (one training step on ``batch``
+    images), after ``warmup`` untimed calls at every call."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps}, warmup={warmup}: need at least one timed step")
+
     def measure() -> float:
         for _ in range(warmup):
             step()
@@ -72,7 +85,25 @@ def sgd_steps(
         for _ in range(steps):
             step()
         synchronize(device)
-        return steps * len(x) / (time.perf_counter() - start)
+        return steps * batch / (time.perf_counter() - start)
+
+    return measure
+
+
+def matmul_peak(n: int, repeats: int) -> Callable[[], float]:
+    """A measurement to repeat: GFLOP/s of torch.mm of two n x n fp32 matrices on the CPU, the median of
+    ``repeats`` products after one warm-up product (the machine's fp32 peak on torch's threads)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, out = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen), torch.empty(n, n)
+
+    def measure() -> float:
+        torch.mm(a, b, out=out)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            seconds.append(time.perf_counter() - start)
+        return 2 * n**3 / statistics.median(seconds) / 1e9
 
     return measure
 
