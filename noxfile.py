@@ -32,7 +32,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=False)
 def benchmarks(session: nox.Session) -> None:
     """Ratios measured within one run (never absolute seconds): see benchmarks/*.md."""
-    for script in ("training_speed.py", "lrn_speed.py", "loader_speed.py"):
+    for script in ("training_speed.py", "profile_step.py", "lrn_speed.py", "loader_speed.py"):
         session.run("python", f"benchmarks/{script}", *session.posargs)
 
 

@@ -128,3 +128,41 @@ def test_gpu_session_smoke_leaves_the_device_table_the_runs_and_the_report(tmp_p
     # What the device tool brings back: at most 8 files, none deeper than 2 folders.
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
+
+
+PROFILE_CATEGORIES = (
+    "conv forward", "conv backward", "LRN (forward + backward)", "pooling (forward + backward)",
+    "fully connected (fwd + bwd)", "other (ReLU, dropout, loss, flatten, autograd)",
+    "optimizer step (zero_grad + SGD)", "data (loader + augmentation)",
+)  # fmt: skip
+
+
+def test_profile_step_smoke_prints_every_category_a_peak_and_the_fraction_of_it():
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = re.search(r"fp32 peak \(matmul\), 1 thread\(s\): .*: (\d+\.\d) GFLOP/s", out)
+    assert peak and float(peak.group(1)) > 0, out
+    assert re.search(r"^width 0\.125$", out, re.M), out
+    flops = re.search(r"FLOPs per training image .*: (\d\.\d{4}) GFLOP = conv (\d\.\d{4})", out)
+    assert flops and float(flops.group(1)) >= float(flops.group(2)) > 0, out
+    shares = {}
+    for category in PROFILE_CATEGORIES:
+        row = re.search(rf"^  {re.escape(category)}\s+(\d+\.\d)\s+(\d+\.\d)\s+(\S+)$", out, re.M)
+        assert row, (category, out)
+        shares[category] = float(row.group(2))
+    assert abs(sum(shares.values()) - 100) <= 0.1 * len(shares), shares  # each share rounded to 0.1
+    default = re.search(
+        r"eager, channels_last \(the default\)\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d)%\s+1\.00x", out
+    )
+    assert default and float(default.group(1)) > 0, out
+    assert re.search(r"eager, NCHW .* (yes|NO) \(", out), out  # checked against the default and float64
+    fraction = re.search(r"bare step \(default\): (\d+\.\d) GFLOP/s = (\d+\.\d)% of the measured peak", out)
+    assert (
+        fraction
+        and abs(float(fraction.group(1)) / float(peak.group(1)) * 100 - float(fraction.group(2))) < 0.2
+    )
+    assert re.search(r"date \d{4}-\d\d-\d\d", out) and "commit " in out, out
