@@ -121,7 +121,8 @@ def test_a_sweep_is_one_parent_run_with_its_jobs_nested_across_processes_and_rer
     nothing new) finds that parent instead of making a second one."""
     sweep = ["experiment=smoke", "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     train_run(*sweep, multirun=True)
-    train_run(*sweep, "seed=1,2,3", multirun=True)  # another sweep: its own parent, seed 3 under it
+    # another sweep (in this process: the launcher is not the point here): its own parent, seed 3 under it
+    train_run("experiment=smoke", "seed=1,2,3", multirun=True)
     runs = train_run.runs(parents=True)
     parents = [r for r in runs if "alexnet.sweep" in r.data.tags]
     children = [r for r in runs if "alexnet.sweep" not in r.data.tags]

@@ -284,13 +284,10 @@ def test_a_claim_without_runs_is_named_at_the_preset_made_for_it_at_this_scale()
     assert smoke in missing_command(claims["figure1"], smoke)  # no smoke_figure1 preset
 
 
-def test_unknown_experiment_is_explained(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "report.py"), "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert "No experiment 'nope'" in proc.stderr and "+ablation=" in proc.stderr
+def test_unknown_experiment_is_explained(tmp_path: Path, capsys):
+    assert main(["nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err
+    assert "No experiment 'nope'" in err and "+ablation=" in err
 
 
 def test_a_page_made_again_later_reads_only_the_runs_that_had_ended_by_its_time(tmp_path: Path, capsys):
@@ -513,6 +510,7 @@ def test_figure1_runs_in_two_stages_the_report_names_the_second(tmp_path: Path):
     assert "selection seed 101 never reached the target" in capped and "trainer.max_epochs" in capped
 
 
+@pytest.mark.slow  # 14 real runs in three sweeps; the fast test above checks the same notes on logged runs
 def test_figure1_in_two_real_stages_the_report_names_commands_that_run_one_rate_per_arm(
     train_run, tmp_path: Path
 ):

@@ -51,12 +51,12 @@ def test_killed_job_resumes_into_the_same_run_with_the_same_result(train_run, tm
 
 def test_rerunning_a_finished_job_trains_nothing(train_run):
     # A rate too small to change an error: only the first epoch makes a new best.ckpt.
-    job = ("experiment=smoke", "trainer.max_epochs=3", "optimizer.lr=1e-12", "optimizer.min_lr=0")
+    job = ("experiment=smoke", "trainer.max_epochs=2", "optimizer.lr=1e-12", "optimizer.min_lr=0")
     train_run(*job)
     (run,) = train_run.runs()
     folder = train_run.tmp / "checkpoints" / run.info.run_id
     epoch = {f: torch.load(folder / f, weights_only=True)["epoch"] for f in ("best.ckpt", "last.ckpt")}
-    assert epoch == {"best.ckpt": 0, "last.ckpt": 2}  # last.ckpt every epoch, for a resume to lose none
+    assert epoch == {"best.ckpt": 0, "last.ckpt": 1}  # last.ckpt every epoch, for a resume to lose none
     proc = train_run(*job)
     assert "not training it again" in proc.stdout + proc.stderr
     assert len(train_run.runs()) == 1
@@ -207,7 +207,9 @@ def test_unreachable_tracking_server_fails_before_training(train_run):
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert f"Cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in output
-    assert "Epoch" not in output and time.monotonic() - begin < 60
+    # MLflow's own retries would take minutes (7 with backoff); 100 s leaves room for a loaded machine's
+    # start-up (over 60 s at a load of 20).
+    assert "Epoch" not in output and time.monotonic() - begin < 100
 
 
 def test_unwritable_artifact_location_is_reported(train_run, tmp_path: Path):
