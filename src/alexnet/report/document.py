@@ -209,7 +209,7 @@ def build(
         doc.sections.append(Section(f"Runs with {text}", blocks))
     missing = [c for c in claims if not any(r.claim.name == c.name for r in rows)]
     if missing:
-        base = common_overrides(runs)
+        base = common_overrides(_main_scale(rows) or runs)
         items = [f"{c.title} (section {c.section}): `{missing_command(c, base)}`" for c in missing]
         items += [
             f"{c.title}: {p}" for c in missing if c.kind == "factorial" for p in factorial.progress(c, runs)
@@ -242,6 +242,15 @@ def _seed_value(row: Row, seed: int, value: float) -> str:
         return f"seed {seed}: {value:.2f}x"
     both = row.compared.get(seed)
     return f"seed {seed}: {value:+.2f}" + (f" ({both[0]:.2f} - {both[1]:.2f})" if both else "")
+
+
+def _main_scale(rows: list[Row]) -> list[RunRecord]:
+    """The runs of the section that decides the most claims: a missing claim's command is at its scale, not
+    at a regime made for a few claims (experiment=cpu_overfit beside cpu)."""
+    if not rows:
+        return []
+    group = max(sections(rows).values(), key=lambda g: len({r.claim.name for r in g}))
+    return list({run.run_id: run for row in group for run in row.runs}.values())
 
 
 def sections(rows: list[Row]) -> dict[str, list[Row]]:
