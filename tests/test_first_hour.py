@@ -134,18 +134,6 @@ def test_a_sweep_is_one_parent_run_with_its_jobs_nested_across_processes_and_rer
     assert len([r for r in train_run.runs(parents=True) if "alexnet.sweep" in r.data.tags]) == 2
 
 
-def test_resume_never_trains_a_second_run_even_while_the_first_holds_its_lock(train_run, compose_cfg):
-    from filelock import FileLock
-
-    from alexnet.identity import run_key
-
-    train_run("experiment=smoke")
-    key = run_key(compose_cfg("experiment=smoke"), "synthetic")
-    with FileLock(train_run.tmp / "checkpoints" / f"{key}.lock"):  # as a running job of this config holds it
-        train_run("experiment=smoke", "resume=never")
-    assert [r.info.status for r in train_run.runs()] == ["FINISHED", "FINISHED"]
-
-
 def test_a_moved_data_folder_is_the_same_data(train_run, tmp_path: Path):
     """The run key names what the data is (its files and sizes), not where it lies: after the folder moves,
     the same command finds the finished run instead of training again."""
@@ -160,11 +148,6 @@ def test_a_moved_data_folder_is_the_same_data(train_run, tmp_path: Path):
     train_run("data=folder", f"data.root={moved}", *TINY)  # other data now: a new run
     assert len(train_run.runs()) == 2 and extra.is_file()
     assert "data.root" in NOT_EXPERIMENT
-
-
-def test_smoke_runs_go_to_their_own_experiment(train_run):
-    train_run("experiment=smoke")
-    assert len(train_run.runs("smoke")) == 1 and train_run.runs("alexnet") == []
 
 
 def test_the_quick_start_main_job_is_one_claim_and_its_report(compose_cfg):

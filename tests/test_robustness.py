@@ -49,19 +49,28 @@ def test_killed_job_resumes_into_the_same_run_with_the_same_result(train_run, tm
         assert curve(train_run, run, key) == curve(reference, expected, key), key
 
 
-def test_rerunning_a_finished_job_trains_nothing(train_run):
+def test_rerunning_a_finished_job_trains_nothing(train_run, compose_cfg):
+    """A finished config is not trained again; resume=never trains a second run even while a live job of
+    the config holds its lock; smoke runs go to their own experiment; last.ckpt is written every epoch."""
+    from filelock import FileLock
+
+    from alexnet.identity import run_key
+
     # A rate too small to change an error: only the first epoch makes a new best.ckpt.
     job = ("experiment=smoke", "trainer.max_epochs=2", "optimizer.lr=1e-12", "optimizer.min_lr=0")
     train_run(*job)
     (run,) = train_run.runs()
+    assert len(train_run.runs("smoke")) == 1 and train_run.runs("alexnet") == []
     folder = train_run.tmp / "checkpoints" / run.info.run_id
     epoch = {f: torch.load(folder / f, weights_only=True)["epoch"] for f in ("best.ckpt", "last.ckpt")}
     assert epoch == {"best.ckpt": 0, "last.ckpt": 1}  # last.ckpt every epoch, for a resume to lose none
     proc = train_run(*job)
     assert "not training it again" in proc.stdout + proc.stderr
     assert len(train_run.runs()) == 1
-    train_run(*job, "resume=never")
-    assert len(train_run.runs()) == 2
+    key = run_key(compose_cfg(*job), "synthetic")
+    with FileLock(train_run.tmp / "checkpoints" / f"{key}.lock"):  # as a running job of this config holds it
+        train_run(*job, "resume=never")
+    assert [r.info.status for r in train_run.runs()] == ["FINISHED", "FINISHED"]
 
 
 @pytest.mark.slow  # two training processes at once: a stress test (nox -s slow)

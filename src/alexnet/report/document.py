@@ -90,12 +90,15 @@ def _n(row: Row) -> str:
 
 def primary_table(rows: list[Row]) -> Table:
     """Every section's primary rows, as the README copies them (``report.py --readme``)."""
-    several = len(sections(rows)) > 1
+    names = list(sections(rows))
+    several = len(names) > 1
+    shared = set.intersection(*(set(n.split(", ")) for n in names)) if names else set()
+    short = {n: ", ".join(t for t in n.split(", ") if t not in shared) for n in names}  # what differs
     header = ["claim (§)", "seeds", "paper", "ours, mean [95% CI]", "verdict", "after Holm"]
     body = []
     for row in (r for r in rows if r.primary):
         cells = [f"{row.claim.title} ({row.claim.section})", _n(row), _paper(row), _ours(row)]
-        body.append([*([row.section] if several else []), *cells, row.verdict, row.adjusted_verdict])
+        body.append([*([short[row.section]] if several else []), *cells, row.verdict, row.adjusted_verdict])
     return Table([*(["runs with"] if several else []), *header], body)
 
 
