@@ -30,23 +30,7 @@ if "team_server" not in sys.modules:
 team = sys.modules["team_server"]
 import team_files  # noqa: E402
 import team_services  # noqa: E402
-
-
-def _missing() -> str | None:
-    try:
-        import psycopg  # noqa: F401
-
-        team_services.pg_bindir()
-        team_services.default_os_user()
-    except (ImportError, team_services.TeamError) as err:
-        return str(err)
-    return None
-
-
-_MISSING = _missing()
-if _MISSING and os.environ.get("ALEXNET_REQUIRE_POSTGRES"):  # CI with PostgreSQL: fail, not skip quietly
-    raise RuntimeError(_MISSING)
-needs_postgres = pytest.mark.skipif(_MISSING is not None, reason=f"no PostgreSQL: {_MISSING}")
+from test_team_server import needs_postgres  # noqa: E402  (CI: PostgreSQL required, not skipped)
 
 
 def script(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
