@@ -181,9 +181,11 @@ def test_known_outcomes_give_known_intervals_verdicts_and_power(known_store, tmp
     # each seed's delta beside the two errors it subtracts
     paper1, off1 = 100 * errors["paper"][1].mean(), 100 * errors["lrn_off"][1].mean()
     assert f"seed 1: {paper1 - off1:+.2f} ({paper1:.2f} - {off1:.2f})" in md
-    # what 80% power would cost: the seeds needed times the row's two arms, at its runs' median time
-    minutes = 60 * lrn.seeds_needed * 2 * np.median([(r.end - r.start) / 3_600_000 for r in lrn.runs])
-    noise = f"| {lrn.seeds_needed} | {2 * lrn.seeds_needed} runs, {minutes:.0f} min |"
+    # what 80% power after Holm would cost: those seeds times the row's two arms, at its runs' median time
+    holm = lrn.seeds_needed_holm
+    assert holm is not None and holm >= lrn.seeds_needed
+    minutes = 60 * holm * 2 * np.median([(r.end - r.start) / 3_600_000 for r in lrn.runs])
+    noise = f"| {lrn.seeds_needed} | {holm} | {2 * holm} runs, {minutes:.0f} min |"
     assert any(line.startswith("| Local response normalization | test/top1_err_1crop") and
                line.endswith(noise) for line in md.splitlines())  # fmt: skip
     rows = [line for line in md.splitlines() if line.startswith("|")]

@@ -270,6 +270,7 @@ def page_json(rows: list[Row]) -> str:
                 "verdict_adjusted": row.adjusted_verdict,
                 "mde": number(row.mde, row.unit == "x"),
                 "seeds_for_80": row.seeds_needed,
+                "seeds_for_80_holm": row.seeds_needed_holm,
             }  # fmt: skip
             for row in rows
         ]

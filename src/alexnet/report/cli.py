@@ -217,7 +217,8 @@ def _log_report_run(
             client.set_tag(run.info.run_id, f"verdict.{row.key}", row.verdict)
             client.set_tag(run.info.run_id, f"verdict_holm.{row.key}", row.adjusted_verdict)
             numbers = {"mean": row.estimate.mean, "low": row.estimate.low, "high": row.estimate.high,
-                       "mde": row.mde, "seeds_needed": float(row.seeds_needed or math.nan)}  # fmt: skip
+                       "mde": row.mde, "seeds_needed": float(row.seeds_needed or math.nan),
+                       "seeds_needed_holm": float(row.seeds_needed_holm or math.nan)}  # fmt: skip
             for name, value in numbers.items():
                 if math.isfinite(value):
                     client.log_metric(run.info.run_id, f"{name}.{row.key}", value)

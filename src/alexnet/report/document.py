@@ -51,7 +51,9 @@ def header(settings: Settings) -> list:
         "current seeds (the noncentral t). *Seeds for 80%*: the seeds (never fewer than the minimum) that "
         "would give 80% power to detect the paper's number, from the noise measured so far (the seeds' part "
         "shrinks with more seeds; the test set's part does not, so some effects cannot be reached by seeds "
-        "alone: `-`). *Training for 80%*: the runs those "
+        "alone: `-`). *After Holm*: the same at the family's Bonferroni level (5% over its number of "
+        "tests), which Holm's correction never asks more than, so those seeds give the corrected verdict "
+        "80% power too, at the family's size today. *Training for that*: the runs those "
         "seeds take in all (both arms), and their time at the median wall time of this row's finished runs "
         "(MLflow's start to end: it includes time a run shared the machine, or waited to be resumed). Add "
         "seeds with `seed=4,5,...`: finished runs are skipped, only the new seeds train.",
@@ -137,7 +139,7 @@ def verdict_table(rows: list[Row]) -> Table:
 
 def noise_table(rows: list[Row]) -> Table:
     header = ["claim", "metric", "method", "seed-to-seed SD", "test-set SE", "arms' correlation r",
-              "pairing bought", "seeds for 80%", "training for 80%"]  # fmt: skip
+              "pairing bought", "seeds for 80%", "seeds for 80% after Holm", "training for that"]  # fmt: skip
     body = []
     for row in rows:
         sd = _seed_sd(row)
@@ -147,7 +149,8 @@ def noise_table(rows: list[Row]) -> Table:
             f"{sd:.2f}" if math.isfinite(sd) else "-",
             f"{math.sqrt(row.estimate.image_part):.2f}" if row.estimate.image_part > 0 else "-",
             f"{r:+.2f}" if math.isfinite(r) else "-", f"{gain:.1f}x variance" if math.isfinite(gain) else "-",
-            str(row.seeds_needed) if row.seeds_needed else "-", _hours_needed(row),
+            str(row.seeds_needed) if row.seeds_needed else "-",
+            str(row.seeds_needed_holm) if row.seeds_needed_holm else "-", _hours_needed(row),
         ])  # fmt: skip
     return Table(header, body)
 
@@ -165,12 +168,12 @@ def _seed_sd(row: Row) -> float:
 
 
 def _hours_needed(row: Row) -> str:
-    """The training that the seeds for 80% would take: its runs per seed (two arms, or one for a comparison
-    within the same runs) at the median wall time of this row's finished runs."""
+    """The training that the seeds for 80% after Holm would take in all: its runs per seed (two arms, or one
+    for a comparison within the same runs) at the median wall time of this row's finished runs."""
     times = [(r.end - r.start) / 3_600_000 for r in row.runs if r.finished and r.end]
-    if not row.seeds_needed or not times or not row.estimate.n:
+    if not row.seeds_needed_holm or not times or not row.estimate.n:
         return "-"
-    runs = row.seeds_needed * len(row.runs) / row.estimate.n
+    runs = row.seeds_needed_holm * len(row.runs) / row.estimate.n
     hours = runs * float(np.median(times))
     return f"{runs:.0f} runs, " + (f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.0f} min")
 

@@ -51,6 +51,7 @@ class Row:
     adjusted_verdict: str = "inconclusive"
     mde: float = math.nan
     seeds_needed: int | None = None
+    seeds_needed_holm: int | None = None  # the same at the family's Bonferroni level: enough for Holm too
     undecidable: str | None = None  # why no verdict can be given, whatever the interval (a censored baseline)
     metric: str = ""  # the metric measured (the factorial's and Figure 1's too)
     primary: bool = False  # the claim's declared primary metric (conf/claims.yaml), not an interaction chain
@@ -131,6 +132,14 @@ def judge(rows: list[Row], settings: Settings) -> None:
         families[row.family].append(row)
     for family in families.values():
         stats.adjust([row.test for row in family])
+        # Holm's first threshold is ALPHA / m, and it rejects whatever Bonferroni at that level rejects, so
+        # 80% power there is at least 80% power after the correction (m: the family's tests so far).
+        tests = sum(math.isfinite(getattr(row.test, h)) for row in family for h in stats.HYPOTHESES)
+        for row in family:
+            reported, _ = _scaled(row, settings)
+            row.seeds_needed_holm = stats.seeds_needed(
+                row.estimate, reported, least=settings.min_seeds, alpha=stats.ALPHA / max(tests, 1)
+            )
     for row in rows:
         reported, _ = _scaled(row, settings)
         raw = {k: getattr(row.test, k) for k in stats.HYPOTHESES}

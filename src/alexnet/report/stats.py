@@ -249,11 +249,12 @@ def wrong(verdict_: str, truth: float, reported: float | None, direction: int, m
     return False
 
 
-def power(effect: float, se: float, df: float) -> float:
-    """The chance that a two-sided t test at ALPHA calls ``effect`` non-zero, exactly: the noncentral t."""
+def power(effect: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """The chance that a two-sided t test at ``alpha`` calls ``effect`` non-zero, exactly: the noncentral
+    t."""
     if not (se > 0 and df > 0):
         return math.nan
-    critical = stats.t.ppf(1 - ALPHA / 2, df)
+    critical = stats.t.ppf(1 - alpha / 2, df)
     shift = abs(effect) / se
     upper = float(stats.nct.sf(critical, df, shift))
     lower = float(stats.nct.cdf(-critical, df, shift))  # the wrong side: scipy gives nan where it is ~0
@@ -273,11 +274,13 @@ def mde(est: Estimate) -> float:
     return float(optimize.brentq(lambda d: power(d, est.se, est.df) - POWER, 0.0, top, xtol=1e-9 * top))
 
 
-def seeds_needed(est: Estimate, effect: float | None, least: int = 2, most: int = 1000) -> int | None:
-    """Seeds (replicates) for 80% power to tell ``effect`` from no effect, never fewer than ``least``, from
-    the variance measured so far: its runs' part shrinks as 1 / seeds (and its degrees of freedom grow with
-    them), its images' part does not. None: nothing to detect, or not reachable by seeds (the test set's
-    own noise is too large)."""
+def seeds_needed(
+    est: Estimate, effect: float | None, least: int = 2, most: int = 1000, alpha: float = ALPHA
+) -> int | None:
+    """Seeds (replicates) for 80% power to tell ``effect`` from no effect at ``alpha``, never fewer than
+    ``least``, from the variance measured so far: its runs' part shrinks as 1 / seeds (and its degrees of
+    freedom grow with them), its images' part does not. None: nothing to detect, or not reachable by seeds
+    (the test set's own noise is too large)."""
     if effect is None or not est.ok or est.noise_df < 1:
         return None
     for seeds in range(max(least, 1), most + 1):
@@ -286,7 +289,7 @@ def seeds_needed(est: Estimate, effect: float | None, least: int = 2, most: int 
             continue
         df = max(1.0, est.df * run_df / est.noise_df)
         se = math.sqrt(est.run_part * est.n / seeds + est.image_part)
-        if power(effect, se, df) >= POWER:
+        if power(effect, se, df, alpha) >= POWER:
             return seeds
     return None
 
