@@ -20,7 +20,7 @@ from statsmodels.stats.power import TTestPower
 
 from alexnet.report.claims import load_arm, load_claims
 from alexnet.report.cli import ROOT, main, make_report
-from alexnet.report.document import missing_command
+from alexnet.report.document import missing_command, primary_table
 from alexnet.tracking import OUTCOMES_ARTIFACT, labels_digest
 
 IMAGES = 2000
@@ -188,8 +188,14 @@ def test_known_outcomes_give_known_intervals_verdicts_and_power(known_store, tmp
     noise = f"| {lrn.seeds_needed} | {holm} | {2 * holm} runs, {minutes:.0f} min |"
     assert any(line.startswith("| Local response normalization | test/top1_err_1crop") and
                line.endswith(noise) for line in md.splitlines())  # fmt: skip
-    rows = [line for line in md.splitlines() if line.startswith("|")]
-    assert not any("python src/report.py" in row for row in rows)  # a row's command is a training command
+    rows_md = [line for line in md.splitlines() if line.startswith("|")]
+    assert not any("python src/report.py" in row for row in rows_md)  # a row's command is a training command
+    # The README's table: each section's primary rows together, named by what tells the sections apart.
+    table = primary_table(rows)
+    labels = [cells[0] for cells in table.rows]
+    assert table.header[0] == "runs with" and len(set(labels)) > 1
+    assert all(labels.index(label) + labels.count(label) - 1 == max(
+        i for i, x in enumerate(labels) if x == label) for label in labels)  # fmt: skip
     html = (tmp_path / "out" / "report.html").read_text()
     assert (
         "<table>" in html and "Local response normalization" in html and "<code>python src/train.py" in html

@@ -4,6 +4,7 @@ claims without runs, the runs that did not finish, and the per-seed values."""
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from datetime import datetime, timezone
 
@@ -94,12 +95,17 @@ def primary_table(rows: list[Row]) -> Table:
     """Every section's primary rows, as the README copies them (``report.py --readme``)."""
     names = list(sections(rows))
     several = len(names) > 1
-    shared = set.intersection(*(set(n.split(", ")) for n in names)) if names else set()
-    short = {n: ", ".join(t for t in n.split(", ") if t not in shared) for n in names}  # what differs
+    scale = {n: n.partition(" (config ")[0] for n in names}
+    shared = set.intersection(*(set(scale[n].split(", ")) for n in names)) if names else set()
+    short = {n: ", ".join(t for t in scale[n].split(", ") if t not in shared) for n in names}  # what differs
+    if len(set(short.values())) < len(names):  # the scales alone do not tell the sections apart
+        short = {n: f"{short[n]} (config {n.partition(' (config ')[2]}" for n in names}
     header = ["claim (§)", "seeds", "paper", "ours, mean [95% CI]", "verdict", "after Holm"]
     body = []
-    for row in (r for r in rows if r.primary):
-        cells = [f"{row.claim.title} ({row.claim.section})", _n(row), _paper(row), _ours(row)]
+    for row in sorted((r for r in rows if r.primary), key=lambda r: names.index(r.section)):
+        arm = re.search(r" \((\w+)\)$", row.label)  # a claim of several arms (depth) names the arm
+        title = f"{row.claim.title}{f', {arm[1]}' if arm else ''} ({row.claim.section})"
+        cells = [title, _n(row), _paper(row), _ours(row)]
         body.append([*([short[row.section]] if several else []), *cells, row.verdict, row.adjusted_verdict])
     return Table([*(["runs with"] if several else []), *header], body)
 
